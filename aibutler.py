@@ -1,0 +1,2738 @@
+#!/usr/bin/env python3
+"""aibutler: let anything that can POST JSON talk to an AI agent.
+
+One file, run as a daemon (a systemd service on a Raspberry Pi, say):
+
+    python aibutler.py run                      # generates a secret on first start
+    python aibutler.py vault get webhook_auth_secret
+
+Then POST {"user_id", "message", "metadata"} with the header
+``X-Aibutler-Secret: <secret>`` to http://127.0.0.1:3377/webhook/custom. The
+reply comes back in the response, or, when an outbound URL is configured, the
+daemon answers 202 at once and POSTs a signed callback when the reply is ready.
+
+Runtime needs: Python 3.9+, falcon 3.1+ and waitress 2.1+ (Debian's
+python3-falcon and python3-waitress, or pip). Everything else is the standard
+library. ``python aibutler.py --help`` lists the commands.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import ast
+import base64
+import configparser
+import contextlib
+import datetime
+import fcntl
+import getpass
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import operator
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from http import HTTPStatus
+
+try:
+    import zoneinfo
+except ImportError:  # pragma: no cover - Python 3.9+ always has it
+    zoneinfo = None
+
+try:
+    import falcon
+except ImportError:  # `--help`, `vault` and `deliveries` work without it; `run` says what to install
+    falcon = None
+
+# ============================================================================
+# Constants
+# ============================================================================
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+SECRET_NAME = "webhook_auth_secret"
+USER_AGENT = "aibutler/" + __version__
+INSTALL_HINT = ("pip install falcon waitress  (or on Debian/Raspberry Pi OS: "
+                "apt install python3-falcon python3-waitress)")
+
+log = logging.getLogger("aibutler")
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `run` exits 78 so systemd stops retrying."""
+
+
+class VaultError(Exception):
+    """The vault file cannot be read or written."""
+
+
+class ApiError(Exception):
+    """A request or a turn failed in a way the sender must hear about: an HTTP
+    status, why, and for bad input the field at fault. Sync requests get it as
+    the JSON error body, async ones as the `error` of their callback."""
+
+    def __init__(self, status, description, *, field=None, retry_after=None):
+        super().__init__(description)
+        self.status = status
+        self.description = description
+        self.field = field
+        self.retry_after = retry_after
+
+    def as_dict(self):
+        return error_dict(self.status, self.description, field=self.field)
+
+
+def error_dict(status, description, title=None, field=None):
+    """The one error shape, used in HTTP error bodies and in error callbacks."""
+    body = {"status": status, "title": title or HTTPStatus(status).phrase,
+            "description": description}
+    if field:
+        body["field"] = field
+    return body
+
+
+# ============================================================================
+# Config
+# ============================================================================
+
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600}
+
+
+def parse_duration(text):
+    """'24h', '1.5s', '100ms', '2m' or a bare number of seconds -> seconds (float)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*", str(text))
+    if not match:
+        raise ValueError("expected a duration like 30s, 5m, 24h or 100ms")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def parse_duration_list(text):
+    values = [parse_duration(part) for part in str(text).split(",") if part.strip()]
+    if not values:
+        raise ValueError("expected a comma-separated list of durations")
+    return values
+
+
+def parse_rate(text):
+    """'600/minute' -> (600, 60.0); '0' means off -> (0, 1.0)."""
+    text = str(text).strip()
+    if text in ("0", "off", ""):
+        return (0, 1.0)
+    match = re.fullmatch(r"(\d+)\s*/\s*(second|minute|hour)", text)
+    if not match:
+        raise ValueError("expected N/second, N/minute, N/hour or 0 for off")
+    return (int(match.group(1)), float(RATE_PERIODS[match.group(2)]))
+
+
+def parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def parse_port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0-65535")
+    return value
+
+
+def parse_choice(*choices):
+    def parse(text):
+        value = str(text).strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of: " + ", ".join(choices))
+        return value
+    return parse
+
+
+def parse_url(text):
+    value = str(text).strip()
+    if value and urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+def parse_path(text):
+    value = str(text).strip()
+    if not value.startswith("/"):
+        raise ValueError("expected a path starting with /")
+    return value
+
+
+def parse_optional_float(text):
+    return float(text) if str(text).strip() else None
+
+
+def parse_networks(text):
+    return [ipaddress.ip_network(part.strip(), strict=False)
+            for part in str(text).split(",") if part.strip()]
+
+
+def parse_names(text):
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+DEFAULT_SYSTEM_PROMPT = ("You are AI Butler, a helpful assistant reached through a webhook. "
+                         "Answer briefly and use the tools when they help.")
+
+# Every key the daemon reads, with its default as written in config.example.ini.
+CONFIG_SCHEMA = {
+    "server": {
+        "host": ("127.0.0.1", str.strip),
+        "port": ("3377", parse_port),
+        "threads": ("4", parse_positive_int),
+        "max_body_bytes": ("1048576", parse_positive_int),
+        "connection_limit": ("100", parse_positive_int),
+        "channel_timeout": ("60s", parse_duration),
+        "shutdown_timeout": ("10s", parse_duration),
+        "trusted_proxies": ("", parse_networks),
+        "metrics_public": ("false", parse_bool),
+        "log_level": ("info", parse_choice("debug", "info", "warning", "error")),
+    },
+    "channels": {
+        "active": ("webhook", parse_names),
+    },
+    "channels.webhook": {
+        "enabled": ("true", parse_bool),
+        "path": ("/webhook/custom", parse_path),
+        "outbound_url": ("", parse_url),
+        "auth_type": ("bearer", parse_choice("bearer", "basic", "none")),
+        "auth_user": ("aibutler", str.strip),
+        "sign": ("true", parse_bool),
+        "callback_timeout": ("15s", parse_duration),
+        "previous_secret_grace": ("24h", parse_duration),
+    },
+    "agent": {
+        "provider": ("builtin", parse_choice("builtin", "openai", "anthropic")),
+        "model": ("", str.strip),
+        "base_url": ("", parse_url),
+        "api_key_name": ("", str.strip),
+        "timeout": ("60s", parse_duration),
+        "max_steps": ("8", parse_positive_int),
+        "temperature": ("", parse_optional_float),
+        "max_tokens": ("1024", parse_positive_int),
+        "system_prompt": (DEFAULT_SYSTEM_PROMPT, str.strip),
+    },
+    "sessions": {
+        "idle_timeout": ("24h", parse_duration),
+        "max_history": ("20", parse_positive_int),
+    },
+    "limits": {
+        "rate": ("600/minute", parse_rate),
+        "user_rate": ("60/minute", parse_rate),
+    },
+    "delivery": {
+        "workers": ("2", parse_positive_int),
+        "dispatchers": ("2", parse_positive_int),
+        "retry_schedule": ("1s, 5s, 30s, 2m, 10m, 30m, 1h, 3h, 6h, 12h, 24h",
+                           parse_duration_list),
+        "max_pending": ("1000", parse_positive_int),
+        "idempotency_ttl": ("24h", parse_duration),
+    },
+}
+
+# Environment variables that override a config key (the page documents the first two).
+ENV_OVERRIDES = {
+    "AIBUTLER_WEBHOOK_OUTBOUND_URL": ("channels.webhook", "outbound_url"),
+    "AIBUTLER_WEBHOOK_AUTH_TYPE": ("channels.webhook", "auth_type"),
+    "AIBUTLER_HOST": ("server", "host"),
+    "AIBUTLER_PORT": ("server", "port"),
+}
+
+
+class Config:
+    """Typed settings, one namespace per section: config.server.port,
+    config.webhook.outbound_url ("channels.webhook" is reached as .webhook)."""
+
+    def __init__(self, values, source=None, warnings=()):
+        self.source = source
+        self.warnings = list(warnings)
+        for section, keys in values.items():
+            setattr(self, section.split(".")[-1], types.SimpleNamespace(**keys))
+
+    @property
+    def webhook_enabled(self):
+        return self.webhook.enabled and "webhook" in self.channels.active
+
+    @property
+    def async_mode(self):
+        return bool(self.webhook.outbound_url)
+
+
+def data_dir_from_env(env=None):
+    env = os.environ if env is None else env
+    path = env.get("AIBUTLER_DATA") or os.path.join(os.path.expanduser("~"), ".aibutler")
+    return os.path.abspath(path)
+
+
+def ensure_data_dir(path):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def find_config_file(explicit, env, data_dir):
+    """--config, else $AIBUTLER_CONFIG, else <data>/config.ini if present, else None.
+    A file that was named but is missing is an error, not a silent default."""
+    named = explicit or env.get("AIBUTLER_CONFIG")
+    if named:
+        if not os.path.isfile(named):
+            raise ConfigError(f"{named}: no such config file")
+        return named
+    candidate = os.path.join(data_dir, "config.ini")
+    return candidate if os.path.isfile(candidate) else None
+
+
+def load_config(explicit=None, env=None, data_dir=None):
+    """Read the config file (if any), apply environment overrides, parse every value.
+    Raises ConfigError naming the file (or variable), the key and the problem."""
+    env = os.environ if env is None else env
+    data_dir = data_dir or data_dir_from_env(env)
+    path = find_config_file(explicit, env, data_dir)
+    raw = {section: {key: default for key, (default, _) in keys.items()}
+           for section, keys in CONFIG_SCHEMA.items()}
+    origin = {}
+    warnings = []
+    if path:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+            raise ConfigError(f"{path}: {one_line(exc)}") from None
+        for section in parser.sections():
+            if section not in CONFIG_SCHEMA:
+                warnings.append(f"{path}: unknown section [{section}] ignored")
+                continue
+            for key, value in parser.items(section):
+                if key not in CONFIG_SCHEMA[section]:
+                    warnings.append(f"{path}: unknown key '{key}' in [{section}] ignored")
+                    continue
+                raw[section][key] = value
+                origin[(section, key)] = f"{path}: [{section}] {key}"
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        if env.get(variable, "") != "":
+            raw[section][key] = env[variable]
+            origin[(section, key)] = f"environment variable {variable}"
+    values = {}
+    for section, keys in CONFIG_SCHEMA.items():
+        values[section] = {}
+        for key, (_, parse) in keys.items():
+            try:
+                values[section][key] = parse(raw[section][key])
+            except ValueError as exc:
+                where = origin.get((section, key), f"[{section}] {key}")
+                raise ConfigError(f"{where} = {raw[section][key]!r}: {exc}") from None
+    return Config(values, source=path, warnings=warnings)
+
+
+def one_line(exc):
+    return " ".join(str(exc).split())
+
+
+# ============================================================================
+# Vault
+# ============================================================================
+
+class Vault:
+    """Named secrets. Lookup order: environment AIBUTLER_<NAME>, then the systemd
+    credential $CREDENTIALS_DIRECTORY/<name>, then <data>/vault.json.
+
+    The file is plain JSON with mode 0600, not encrypted; systemd's encrypted
+    credentials (LoadCredentialEncrypted=) are the way to encrypt at rest. Writes
+    hold a file lock and replace the file atomically, so concurrent `vault set`
+    calls lose nothing and a crash never leaves half a file. Reads are cached by
+    the file's mtime, so a running daemon sees changes without a restart."""
+
+    NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+    def __init__(self, path, env=None):
+        self.path = path
+        self.env = os.environ if env is None else env
+        self._cache = (None, {})
+
+    @classmethod
+    def valid_name(cls, name):
+        return bool(cls.NAME_RE.match(name))
+
+    def get(self, name):
+        value = self.env.get("AIBUTLER_" + name.upper())
+        if value:
+            return value.strip()
+        cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
+        if cred_dir:
+            try:
+                with open(os.path.join(cred_dir, name), encoding="utf-8") as handle:
+                    value = handle.read().strip()
+                if value:
+                    return value
+            except FileNotFoundError:
+                pass
+        value = self._read_cached().get(name)
+        return value if isinstance(value, str) and value else None
+
+    def source(self, name):
+        """Where get(name) finds its value: 'environment', 'credential', 'file' or None."""
+        if self.env.get("AIBUTLER_" + name.upper()):
+            return "environment"
+        cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and os.path.isfile(os.path.join(cred_dir, name)):
+            return "credential"
+        return "file" if name in self._read_cached() else None
+
+    def names(self):
+        names = set(self._read_cached())
+        cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and os.path.isdir(cred_dir):
+            names.update(n for n in os.listdir(cred_dir) if self.valid_name(n))
+        return sorted(names)
+
+    def set(self, name, value):
+        with self._locked() as data:
+            data[name] = value
+
+    def update(self, values):
+        """Set several entries in one atomic write (used by rotation)."""
+        with self._locked() as data:
+            data.update(values)
+
+    def delete(self, name):
+        with self._locked() as data:
+            return data.pop(name, None) is not None
+
+    def _read_cached(self):
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if self._cache[0] != key:
+            self._cache = (key, self._read_file())
+        return self._cache[1]
+
+    def _read_file(self):
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise VaultError(f"{self.path}: cannot read the vault: {one_line(exc)}") from None
+        if not isinstance(data, dict):
+            raise VaultError(f"{self.path}: the vault is not a JSON object")
+        return data
+
+    @contextlib.contextmanager
+    def _locked(self):
+        directory = os.path.dirname(self.path)
+        ensure_data_dir(directory)
+        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            data = self._read_file()
+            yield data
+            self._write_atomically(data)
+        finally:
+            os.close(lock_fd)  # closing releases the lock
+
+    def _write_atomically(self, data):
+        directory = os.path.dirname(self.path)
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2, sort_keys=True)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def ensure_webhook_secret(vault):
+    """No configuration ever means "open": generate a secret when none is set."""
+    if vault.get(SECRET_NAME):
+        return False
+    vault.set(SECRET_NAME, secrets.token_hex(32))
+    return True
+
+
+def accepted_secrets(vault, grace, now=None):
+    """The current webhook secret, plus the previous one while its rotation grace lasts."""
+    current = vault.get(SECRET_NAME)
+    found = [current] if current else []
+    previous = vault.get(SECRET_NAME + "_previous")
+    rotated_at = vault.get(SECRET_NAME + "_rotated_at")
+    if previous and rotated_at:
+        try:
+            if (now or time.time()) < float(rotated_at) + grace:
+                found.append(previous)
+        except ValueError:
+            log.warning("vault: %s_rotated_at is not a number; previous secret ignored",
+                        SECRET_NAME)
+    return found
+
+
+# ============================================================================
+# Storage (sqlite)
+# ============================================================================
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, created REAL NOT NULL, last_active REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id, last_active);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL, role TEXT NOT NULL,
+    content TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, id);
+CREATE TABLE IF NOT EXISTS memories (
+    id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, fact TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS memories_by_user ON memories (user_id, id);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+    session_id TEXT NOT NULL, request TEXT NOT NULL, state TEXT NOT NULL,
+    created REAL NOT NULL, finished REAL);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+    body TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL, last_error TEXT, created REAL NOT NULL, finished REAL);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt);
+CREATE TABLE IF NOT EXISTS idempotency (
+    user_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL,
+    state TEXT NOT NULL, status INTEGER, response TEXT, created REAL NOT NULL,
+    PRIMARY KEY (user_id, key));
+CREATE TABLE IF NOT EXISTS seen_signatures (
+    webhook_id TEXT NOT NULL, timestamp TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (webhook_id, timestamp));
+"""
+
+
+def new_id(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+class Store:
+    """Everything that must survive a restart, in one sqlite file (WAL mode).
+
+    Each thread gets its own connection; write transactions are BEGIN IMMEDIATE,
+    so claiming a job or a delivery is atomic across threads and processes (the
+    `deliveries` CLI edits the same file while the daemon runs)."""
+
+    def __init__(self, path, clock=time.time):
+        self.path = path
+        self.clock = clock
+        self._local = threading.local()
+        self.conn().executescript(SCHEMA)
+
+    def conn(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def transaction(self, durable=False):
+        """One write transaction. durable=True syncs the WAL to disk before
+        returning, for promises made to a sender (202 means we have it)."""
+        db = self.conn()
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self):
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # --- sessions and history ------------------------------------------------
+
+    def resolve_session(self, user_id, session_id, idle_timeout, db=None):
+        """The session to use: the one asked for (it must be this user's), else
+        the user's current one if active within idle_timeout, else a new one.
+        Returns None when session_id names no session of this user."""
+        if db is None:
+            with self.transaction() as db:
+                return self.resolve_session(user_id, session_id, idle_timeout, db)
+        now = self.clock()
+        if session_id:
+            row = db.execute("SELECT id FROM sessions WHERE id=? AND user_id=?",
+                             (session_id, user_id)).fetchone()
+            if row is None:
+                return None
+        else:
+            row = db.execute("SELECT id FROM sessions WHERE user_id=? AND last_active>=? "
+                             "ORDER BY last_active DESC LIMIT 1",
+                             (user_id, now - idle_timeout)).fetchone()
+        if row is not None:
+            db.execute("UPDATE sessions SET last_active=? WHERE id=?", (now, row["id"]))
+            return row["id"]
+        sid = new_id("sess")
+        db.execute("INSERT INTO sessions (id, user_id, created, last_active) VALUES (?,?,?,?)",
+                   (sid, user_id, now, now))
+        return sid
+
+    def history(self, session_id, limit):
+        rows = self.conn().execute(
+            "SELECT role, content FROM messages WHERE session_id=? ORDER BY id DESC LIMIT ?",
+            (session_id, limit)).fetchall()
+        return [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
+
+    def record_exchange(self, session_id, user_text, reply, max_history):
+        now = self.clock()
+        with self.transaction() as db:
+            db.execute("INSERT INTO messages (session_id, role, content, created) "
+                       "VALUES (?,?,?,?)", (session_id, "user", user_text, now))
+            db.execute("INSERT INTO messages (session_id, role, content, created) "
+                       "VALUES (?,?,?,?)", (session_id, "assistant", reply, now))
+            db.execute("UPDATE sessions SET last_active=? WHERE id=?", (now, session_id))
+            db.execute("DELETE FROM messages WHERE session_id=? AND id NOT IN "
+                       "(SELECT id FROM messages WHERE session_id=? ORDER BY id DESC LIMIT ?)",
+                       (session_id, session_id, max_history))
+
+    # --- per-user memory -------------------------------------------------------
+
+    def remember(self, user_id, fact):
+        with self.transaction() as db:
+            db.execute("INSERT INTO memories (user_id, fact, created) VALUES (?,?,?)",
+                       (user_id, fact, self.clock()))
+
+    def recall(self, user_id, query="", limit=20):
+        rows = self.conn().execute(
+            "SELECT fact FROM memories WHERE user_id=? ORDER BY id DESC", (user_id,)).fetchall()
+        words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 2]
+        facts = [row["fact"] for row in rows
+                 if not words or any(w in row["fact"].lower() for w in words)]
+        return facts[:limit]
+
+    # --- idempotency -------------------------------------------------------------
+
+    def idempotency_begin(self, db, user_id, key, request_hash, ttl):
+        """Inside a transaction: claim (user_id, key) or report what is there.
+        Returns ('new', None), ('done', row), ('pending', row) or ('mismatch', row)."""
+        now = self.clock()
+        row = db.execute("SELECT * FROM idempotency WHERE user_id=? AND key=?",
+                         (user_id, key)).fetchone()
+        if row is not None and row["created"] < now - ttl:
+            db.execute("DELETE FROM idempotency WHERE user_id=? AND key=?", (user_id, key))
+            row = None
+        if row is None:
+            db.execute("INSERT INTO idempotency (user_id, key, request_hash, state, created) "
+                       "VALUES (?,?,?,'pending',?)", (user_id, key, request_hash, now))
+            return "new", None
+        if row["request_hash"] != request_hash:
+            return "mismatch", row
+        return row["state"], row
+
+    def idempotency_finish(self, db, user_id, key, status, response):
+        db.execute("UPDATE idempotency SET state='done', status=?, response=? "
+                   "WHERE user_id=? AND key=?", (status, json.dumps(response), user_id, key))
+
+    def idempotency_drop(self, user_id, key):
+        with self.transaction() as db:
+            db.execute("DELETE FROM idempotency WHERE user_id=? AND key=? AND state='pending'",
+                       (user_id, key))
+
+    def idempotency_get(self, user_id, key):
+        return self.conn().execute("SELECT * FROM idempotency WHERE user_id=? AND key=?",
+                                   (user_id, key)).fetchone()
+
+    # --- the async queue: jobs in, deliveries out -------------------------------
+
+    def add_job(self, db, message_id, user_id, session_id, request):
+        db.execute("INSERT INTO jobs (message_id, user_id, session_id, request, state, created) "
+                   "VALUES (?,?,?,?,'queued',?)",
+                   (message_id, user_id, session_id, json.dumps(request), self.clock()))
+
+    def pending_jobs(self, db=None):
+        return (db or self.conn()).execute(
+            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued','running')").fetchone()[0]
+
+    def claim_job(self):
+        """The oldest queued job whose user has no job running (per-user order)."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state='queued' AND user_id NOT IN "
+                "(SELECT user_id FROM jobs WHERE state='running') ORDER BY seq LIMIT 1").fetchone()
+            if row is not None:
+                db.execute("UPDATE jobs SET state='running' WHERE seq=?", (row["seq"],))
+            return row
+
+    def finish_job(self, job, body):
+        """The turn is over: mark the job done and put its callback in the outbox,
+        in one transaction, so a crash between the two cannot lose or repeat it."""
+        now = self.clock()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state='done', finished=? WHERE seq=?", (now, job["seq"]))
+            self.add_delivery(db, job["message_id"], job["user_id"], body)
+
+    def add_delivery(self, db, message_id, user_id, body):
+        db.execute("INSERT INTO deliveries (message_id, user_id, body, state, next_attempt, created) "
+                   "VALUES (?,?,?,'pending',?,?)",
+                   (message_id, user_id, json.dumps(body), self.clock(), self.clock()))
+
+    def recover(self):
+        """At start: work a killed process left half done goes back in line."""
+        with self.transaction() as db:
+            jobs = db.execute("UPDATE jobs SET state='queued' WHERE state='running'").rowcount
+            sends = db.execute(
+                "UPDATE deliveries SET state='pending' WHERE state='sending'").rowcount
+            db.execute("DELETE FROM idempotency WHERE state='pending'")
+        return jobs, sends
+
+    def claim_delivery(self):
+        now = self.clock()
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM deliveries WHERE state='pending' AND next_attempt<=? "
+                             "ORDER BY next_attempt, seq LIMIT 1", (now,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE deliveries SET state='sending', attempts=attempts+1 "
+                           "WHERE seq=?", (row["seq"],))
+            return row
+
+    def next_delivery_due(self):
+        row = self.conn().execute(
+            "SELECT MIN(next_attempt) FROM deliveries WHERE state='pending'").fetchone()
+        return row[0]
+
+    def delivery_done(self, seq):
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET state='delivered', finished=?, last_error=NULL "
+                       "WHERE seq=?", (self.clock(), seq))
+
+    def delivery_retry_at(self, seq, when, error):
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET state='pending', next_attempt=?, last_error=? "
+                       "WHERE seq=?", (when, error, seq))
+
+    def delivery_failed(self, seq, error):
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET state='failed', finished=?, last_error=? "
+                       "WHERE seq=?", (self.clock(), error, seq))
+
+    def list_deliveries(self, failed_only=False, limit=100):
+        sql = "SELECT * FROM deliveries"
+        if failed_only:
+            sql += " WHERE state='failed'"
+        return self.conn().execute(sql + " ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+
+    def retry_deliveries(self, message_id=None):
+        """Put failed (or one named) deliveries back in line with a fresh schedule."""
+        with self.transaction() as db:
+            if message_id:
+                cursor = db.execute(
+                    "UPDATE deliveries SET state='pending', attempts=0, next_attempt=? "
+                    "WHERE message_id=? AND state IN ('failed','pending')",
+                    (self.clock(), message_id))
+            else:
+                cursor = db.execute(
+                    "UPDATE deliveries SET state='pending', attempts=0, next_attempt=? "
+                    "WHERE state='failed'", (self.clock(),))
+            return cursor.rowcount
+
+    def purge_deliveries(self, older_than):
+        cutoff = self.clock() - older_than
+        with self.transaction() as db:
+            return db.execute("DELETE FROM deliveries WHERE state IN ('delivered','failed') "
+                              "AND finished < ?", (cutoff,)).rowcount
+
+    def delivery_counts(self):
+        rows = self.conn().execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+        return {state: count for state, count in rows}
+
+    # --- signed inbound requests -----------------------------------------------
+
+    def signature_seen(self, webhook_id, timestamp, window):
+        """Record (id, timestamp); True if it was already there (a replay)."""
+        now = self.clock()
+        with self.transaction() as db:
+            db.execute("DELETE FROM seen_signatures WHERE created < ?", (now - window,))
+            cursor = db.execute("INSERT OR IGNORE INTO seen_signatures VALUES (?,?,?)",
+                                (webhook_id, timestamp, now))
+            return cursor.rowcount == 0
+
+    def prune(self, idempotency_ttl, keep_done=7 * 86400):
+        """Keep the file from growing without bound on a device left alone for months."""
+        now = self.clock()
+        with self.transaction() as db:
+            db.execute("DELETE FROM idempotency WHERE state='done' AND created < ?",
+                       (now - idempotency_ttl,))
+            db.execute("DELETE FROM jobs WHERE state='done' AND finished < ?", (now - keep_done,))
+            db.execute("DELETE FROM deliveries WHERE state='delivered' AND finished < ?",
+                       (now - keep_done,))
+
+
+# ============================================================================
+# Metrics (Prometheus text format, standard library only)
+# ============================================================================
+
+class Metrics:
+    """Counters, histograms and gauges, rendered as Prometheus text at /metrics."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+    HELP = {
+        "aibutler_http_requests_total": ("counter", "HTTP requests by path and status."),
+        "aibutler_http_request_seconds": ("histogram", "HTTP request latency."),
+        "aibutler_agent_turns_total": ("counter", "Agent turns by provider and outcome."),
+        "aibutler_model_seconds": ("histogram", "Latency of one model call by provider."),
+        "aibutler_tool_calls_total": ("counter", "Tool calls by tool and outcome."),
+        "aibutler_deliveries_total": ("counter", "Callback attempts by outcome."),
+        "aibutler_rate_limited_total": ("counter", "Requests refused by a rate limit, by scope."),
+        "aibutler_auth_failures_total": ("counter", "Requests with a missing or wrong secret."),
+        "aibutler_queue_depth": ("gauge", "Async messages accepted and not yet answered."),
+        "aibutler_deliveries_pending": ("gauge", "Callbacks waiting to be delivered."),
+    }
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = {}
+        self._histograms = {}
+        self._gauges = {}
+
+    def inc(self, name, labels=(), value=1):
+        key = (name, tuple(labels))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + value
+
+    def observe(self, name, labels, seconds):
+        key = (name, tuple(labels))
+        with self._lock:
+            counts = self._histograms.setdefault(key, [0] * (len(self.BUCKETS) + 2))
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    counts[i] += 1
+            counts[-2] += seconds
+            counts[-1] += 1
+
+    def gauge(self, name, func):
+        self._gauges[name] = func
+
+    def value(self, name, labels=()):
+        return self._counters.get((name, tuple(labels)), 0)
+
+    def render(self):
+        lines = []
+        with self._lock:
+            counters = dict(self._counters)
+            histograms = {key: list(counts) for key, counts in self._histograms.items()}
+        for name, (kind, help_text) in self.HELP.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            if kind == "counter":
+                for (metric, labels), value in sorted(counters.items()):
+                    if metric == name:
+                        lines.append(f"{name}{format_labels(labels)} {value:g}")
+            elif kind == "histogram":
+                for (metric, labels), counts in sorted(histograms.items()):
+                    if metric != name:
+                        continue
+                    for bound, count in zip(self.BUCKETS, counts):
+                        lines.append(f"{name}_bucket{format_labels(labels + (('le', f'{bound:g}'),))} {count}")
+                    lines.append(f"{name}_bucket{format_labels(labels + (('le', '+Inf'),))} {counts[-1]}")
+                    lines.append(f"{name}_sum{format_labels(labels)} {counts[-2]:.6f}")
+                    lines.append(f"{name}_count{format_labels(labels)} {counts[-1]}")
+            elif name in self._gauges:
+                try:
+                    lines.append(f"{name} {self._gauges[name]():g}")
+                except Exception:  # a gauge must never break the scrape; say why in the log
+                    log.exception("metrics: gauge %s failed", name)
+        return "\n".join(lines) + "\n"
+
+
+def format_labels(labels):
+    if not labels:
+        return ""
+    escaped = (f'{key}="{str(value)}"'.replace("\n", " ") for key, value in labels)
+    return "{" + ",".join(escaped) + "}"
+
+
+# ============================================================================
+# Agent: tools
+# ============================================================================
+
+class ToolError(Exception):
+    """A tool could not do what was asked; the model sees the message and goes on."""
+
+
+class Tool:
+    def __init__(self, name, description, parameters, func):
+        if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name):
+            raise ValueError(f"tool name {name!r} is not accepted by model APIs")
+        self.name, self.description, self.parameters, self.func = name, description, parameters, func
+
+
+def schema_problem(schema, value, path="arguments"):
+    """The first way `value` breaks a (small subset of) JSON Schema, or None."""
+    kinds = {"object": dict, "string": str, "integer": int, "number": (int, float),
+             "boolean": bool, "array": list}
+    kind = schema.get("type")
+    if kind in kinds:
+        if not isinstance(value, kinds[kind]) or (kind in ("integer", "number")
+                                                  and isinstance(value, bool)):
+            return f"{path} must be of type {kind}"
+    if kind == "object":
+        for name in schema.get("required", ()):
+            if name not in value:
+                return f"{path}.{name} is required"
+        properties = schema.get("properties", {})
+        for name, item in value.items():
+            if name in properties:
+                problem = schema_problem(properties[name], item, f"{path}.{name}")
+                if problem:
+                    return problem
+            elif schema.get("additionalProperties", True) is False:
+                return f"{path}.{name} is not an accepted argument"
+    if kind == "string":
+        if len(value) < schema.get("minLength", 0):
+            return f"{path} must not be empty"
+        if len(value) > schema.get("maxLength", math.inf):
+            return f"{path} is longer than {schema['maxLength']} characters"
+    return None
+
+
+class ToolRegistry:
+    def __init__(self, metrics=None):
+        self.tools = {}
+        self.metrics = metrics or Metrics()
+
+    def register(self, tool):
+        self.tools[tool.name] = tool
+
+    def specs(self):
+        return list(self.tools.values())
+
+    def invoke(self, call, ctx):
+        """Run one call the model asked for. Returns the record listed in
+        `tool_calls`: {name, arguments, result} or {name, arguments, error}."""
+        raw = call.get("arguments")
+        record = {"name": call.get("name"), "arguments": raw}
+        try:
+            args = json.loads(raw or "{}") if isinstance(raw, str) else (raw or {})
+            record["arguments"] = args
+            tool = self.tools.get(call.get("name"))
+            if tool is None:
+                raise ToolError(f"unknown tool {call.get('name')!r}; available: "
+                                + ", ".join(sorted(self.tools)))
+            problem = schema_problem(tool.parameters, args)
+            if problem:
+                raise ToolError(problem)
+            record["result"] = tool.func(ctx, **args)
+        except ValueError as exc:
+            record["error"] = f"arguments are not valid JSON: {exc}"
+        except ToolError as exc:
+            record["error"] = str(exc)
+        except Exception as exc:  # the turn goes on; the traceback goes to the log
+            log.exception("tool %s failed", call.get("name"))
+            record["error"] = f"the tool failed: {type(exc).__name__}"
+        outcome = "error" if "error" in record else "ok"
+        self.metrics.inc("aibutler_tool_calls_total", (("tool", str(record["name"])[:64]),
+                                                       ("outcome", outcome)))
+        return record
+
+
+def tool_current_time(ctx, timezone=None):
+    name = timezone or ctx.metadata.get("timezone")
+    if name and not isinstance(name, str):
+        name = None
+    if name:
+        try:
+            zone = zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ToolError(f"unknown time zone {name!r}; use an IANA name like Europe/Madrid")
+        now = datetime.datetime.now(zone)
+    else:
+        now = datetime.datetime.now().astimezone()
+        name = now.tzname()
+    return {"iso": now.isoformat(timespec="seconds"), "timezone": name,
+            "date": f"{now:%A} {now.day} {now:%B %Y}", "time": f"{now:%H:%M}"}
+
+
+CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
+               ast.Mod: operator.mod, ast.Pow: operator.pow}
+CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+def calculate(expression):
+    """Arithmetic on numbers with + - * / // % ** ^ and parentheses; never eval()."""
+    text = expression.replace("^", "**").replace("×", "*").replace("÷", "/").strip()
+    if not text or len(text) > 200:
+        raise ToolError("the expression must be 1 to 200 characters")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise ToolError(f"{expression!r} is not an arithmetic expression") from None
+
+    def evaluate(node):
+        if isinstance(node, ast.Expression):
+            return evaluate(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARY:
+            return CALC_UNARY[type(node.op)](evaluate(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in CALC_BINARY:
+            left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Pow) and (abs(right) > 1000 or abs(left) > 1e100):
+                raise ToolError("that power is too large to compute")
+            try:
+                result = CALC_BINARY[type(node.op)](left, right)
+            except ZeroDivisionError:
+                raise ToolError("division by zero") from None
+            except OverflowError:
+                raise ToolError("the result is too large") from None
+            if isinstance(result, int) and result.bit_length() > 4000:
+                raise ToolError("the result is too large")
+            if isinstance(result, complex):
+                raise ToolError("the result is not a real number")
+            return result
+        raise ToolError("only numbers, + - * / // % ** and parentheses are allowed")
+
+    value = evaluate(tree)
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return int(value)
+        return float(f"{value:.12g}")
+    return value
+
+
+def tool_calculate(ctx, expression):
+    return {"expression": expression, "value": calculate(expression)}
+
+
+def tool_remember(ctx, fact):
+    ctx.store.remember(ctx.user_id, fact.strip())
+    return {"remembered": fact.strip()}
+
+
+def tool_recall(ctx, query=""):
+    return {"facts": ctx.store.recall(ctx.user_id, query)}
+
+
+def build_tools(store, notifier=None, metrics=None):
+    """The tool registry every provider is offered. `notifier(ctx, message)` queues
+    a message to the outbound URL; webhook_send exists only when one is given."""
+    registry = ToolRegistry(metrics)
+    registry.register(Tool(
+        "current_time", "The current date and time, in the sender's time zone when known.",
+        {"type": "object", "properties": {"timezone": {
+            "type": "string", "description": "IANA time zone, e.g. Europe/Madrid"}},
+         "additionalProperties": False}, tool_current_time))
+    registry.register(Tool(
+        "calculate", "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses).",
+        {"type": "object", "properties": {"expression": {"type": "string", "minLength": 1,
+                                                         "maxLength": 200}},
+         "required": ["expression"], "additionalProperties": False}, tool_calculate))
+    registry.register(Tool(
+        "remember", "Store a fact about this user for later conversations.",
+        {"type": "object", "properties": {"fact": {"type": "string", "minLength": 1,
+                                                   "maxLength": 2000}},
+         "required": ["fact"], "additionalProperties": False}, tool_remember))
+    registry.register(Tool(
+        "recall", "Look up facts remembered about this user; an empty query lists them all.",
+        {"type": "object", "properties": {"query": {"type": "string", "maxLength": 200}},
+         "additionalProperties": False}, tool_recall))
+    if notifier is not None:
+        registry.register(Tool(
+            "webhook_send", "Send a message to the user's system through the outbound webhook.",
+            {"type": "object", "properties": {"message": {"type": "string", "minLength": 1,
+                                                          "maxLength": 10000}},
+             "required": ["message"], "additionalProperties": False},
+            lambda ctx, message: {"queued": True, "message_id": notifier(ctx, message)}))
+    return registry
+
+
+# ============================================================================
+# Agent: model providers
+# ============================================================================
+
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect is reported as the non-2xx status it is
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def http_post(url, body, headers, timeout):
+    """POST bytes. Returns (status, headers, body) for every HTTP status; raises
+    OSError (URLError, timeouts) when no HTTP answer came."""
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read(MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
+
+
+def is_timeout(exc):
+    return isinstance(exc, socket.timeout) or isinstance(getattr(exc, "reason", None),
+                                                         socket.timeout)
+
+
+def network_reason(exc):
+    reason = getattr(exc, "reason", exc)
+    return one_line(reason) or type(reason).__name__
+
+
+def parse_retry_after(value, now=None):
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email_date(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (now or time.time()))
+
+
+def email_date(value):
+    import email.utils  # only needed for the rare HTTP-date form
+    return email.utils.parsedate_to_datetime(value).timestamp()
+
+
+def url_host(url):
+    """scheme://host[:port] only: paths and queries of webhook URLs often hold tokens."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+
+class ModelReply:
+    def __init__(self, text="", tool_calls=()):
+        self.text = text or ""
+        self.tool_calls = list(tool_calls)
+
+
+class BuiltinModel:
+    """The offline default: a small rule-based stand-in for a language model. It
+    speaks the same protocol as the real providers (asks for tools, then answers
+    from their results), so the turn loop, tools and history are the same code."""
+
+    name = "builtin"
+    NO_MODEL = ("I'm running without a language model, so I can only greet you, tell the "
+                "time and date, do arithmetic, and remember or recall facts. To answer "
+                "anything else, connect a model: set [agent] provider = openai (OpenAI, "
+                "Ollama, llama.cpp...) or anthropic in config.ini and store the key with "
+                "`python aibutler.py vault set openai_api_key` (see the README).")
+    HELP = ("I'm AI Butler. Without a language model I can: tell the time and date "
+            "(\"what time is it?\"), calculate (\"what is 17 * 23?\"), remember facts "
+            "(\"remember that my locker is 42\") and recall them (\"what do you remember?\").")
+    GREETING = re.compile(r"^\s*(hi|hello|hey|hiya|howdy|greetings|good (morning|afternoon|"
+                          r"evening|day))\b", re.I)
+    HELP_RE = re.compile(r"\b(help|what can you do)\b", re.I)
+    REMEMBER = re.compile(r"^\s*(please\s+)?remember(\s+that)?\s+(?P<fact>.+?)\s*\.?\s*$",
+                          re.I | re.S)
+    RECALL = re.compile(r"\b(what do you (remember|know)|what did i tell you|recall)\b"
+                        r"(\s+about)?(?P<query>[^?]*)", re.I)
+    TIME = re.compile(r"\b(time|date|what day|today)\b", re.I)
+    EXPRESSION = re.compile(r"[-+(]*\d[\d\s.+\-*/%^()×÷]*")
+
+    def complete(self, system, messages, tools):
+        last = messages[-1]
+        if last["role"] == "tool":
+            return ModelReply(self._answer_from_tools(messages))
+        text = last.get("text", last["content"]).strip()
+        available = {tool.name for tool in tools}
+
+        def call(name, **arguments):
+            if name not in available:
+                return ModelReply(self.NO_MODEL)
+            return ModelReply("", [{"id": new_id("call"), "name": name,
+                                    "arguments": json.dumps(arguments)}])
+
+        match = self.REMEMBER.match(text)
+        if match:
+            return call("remember", fact=match.group("fact"))
+        match = self.RECALL.search(text)
+        if match:
+            return call("recall", query=match.group("query").strip(" .?"))
+        expression = self._expression(text)
+        if expression:
+            return call("calculate", expression=expression)
+        if self.TIME.search(text):
+            return call("current_time")
+        if self.GREETING.match(text):
+            return ModelReply("Hello! " + self.HELP)
+        if self.HELP_RE.search(text):
+            return ModelReply(self.HELP)
+        return ModelReply(self.NO_MODEL)
+
+    def _expression(self, text):
+        for candidate in sorted(self.EXPRESSION.findall(text), key=len, reverse=True):
+            candidate = candidate.strip()
+            if re.search(r"\d\s*[-+*/%^×÷]+\s*[-+(]*\d", candidate):
+                return candidate
+        return None
+
+    def _answer_from_tools(self, messages):
+        results = []
+        for message in reversed(messages):
+            if message["role"] != "tool":
+                break
+            results.append((message["name"], json.loads(message["content"])))
+        sentences = []
+        for name, result in reversed(results):
+            if "error" in result:
+                sentences.append(f"Sorry, {name.replace('_', ' ')} failed: {result['error']}.")
+            elif name == "current_time":
+                sentences.append(f"It's {result['time']} on {result['date']} ({result['timezone']}).")
+            elif name == "calculate":
+                sentences.append(f"{result['expression']} = {result['value']}")
+            elif name == "remember":
+                sentences.append(f"OK, I'll remember that {result['remembered']}.")
+            elif name == "recall":
+                facts = result["facts"]
+                sentences.append("Here's what I remember:\n" + "\n".join(f"- {f}" for f in facts)
+                                 if facts else "I don't remember anything about that yet.")
+            else:
+                sentences.append(f"Done: {name}.")
+        return " ".join(sentences)
+
+
+class HTTPModel:
+    """Shared plumbing of the HTTP providers: key lookup, deadline, retries and
+    the mapping of every failure to the status the sender sees."""
+
+    name = default_base_url = default_model = default_key_name = None
+    RETRIES_ON_5XX = 2
+
+    def __init__(self, agent_config, vault, metrics=None):
+        self.config = agent_config
+        self.vault = vault
+        self.metrics = metrics or Metrics()
+        self.base_url = (agent_config.base_url or self.default_base_url).rstrip("/")
+        self.model = agent_config.model or self.default_model
+        self.key_name = agent_config.api_key_name or self.default_key_name
+
+    def api_key(self):
+        return self.vault.get(self.key_name)
+
+    def post(self, url, payload, headers):
+        started = time.monotonic()
+        try:
+            return self._post_with_retries(url, payload, headers, started + self.config.timeout)
+        finally:
+            self.metrics.observe("aibutler_model_seconds", (("provider", self.name),),
+                                 time.monotonic() - started)
+
+    def _post_with_retries(self, url, payload, headers, deadline):
+        data = json.dumps(payload).encode()
+        headers = dict(headers, **{"Content-Type": "application/json", "User-Agent": USER_AGENT})
+        failures = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._timeout()
+            try:
+                status, answer_headers, body = http_post(url, data, headers, remaining)
+            except OSError as exc:
+                if is_timeout(exc):
+                    raise self._timeout() from None
+                raise ApiError(502, f"cannot reach the {self.name} model server at "
+                                      f"{url_host(url)}: {network_reason(exc)}") from None
+            if 200 <= status < 300:
+                try:
+                    return json.loads(body)
+                except ValueError:
+                    raise ApiError(502, f"the {self.name} model server answered with "
+                                          "something that is not JSON") from None
+            if status in (401, 403):
+                raise ApiError(502, f"the {self.name} provider rejected the API key "
+                                      f"(HTTP {status}); store a valid one with: "
+                                      f"python aibutler.py vault set {self.key_name}")
+            if status != 429 and status < 500:
+                raise ApiError(502, f"the {self.name} model server refused the request "
+                                      f"(HTTP {status}): {provider_message(body)}")
+            failures += 1
+            wait = parse_retry_after(answer_headers.get("Retry-After"))
+            if wait is None:
+                wait = min(0.5 * 2 ** (failures - 1), 8.0)
+            out_of_time = time.monotonic() + wait >= deadline
+            if status == 429 and out_of_time:
+                raise ApiError(503, f"the {self.name} provider is rate limiting requests; "
+                                      "try again later", retry_after=max(1, math.ceil(wait)))
+            if status >= 500 and (out_of_time or failures > self.RETRIES_ON_5XX):
+                raise ApiError(502, f"the {self.name} model server failed (HTTP {status}) "
+                                      f"after {failures} attempts")
+            time.sleep(wait)
+
+    def _timeout(self):
+        return ApiError(504, f"the {self.name} model did not answer within "
+                               f"{self.config.timeout:g}s ([agent] timeout)")
+
+
+def provider_message(body):
+    """The provider's own error message, short, for the sender to act on."""
+    try:
+        data = json.loads(body)
+        error = data.get("error", data)
+        text = error.get("message") if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        text = body.decode("utf-8", "replace")
+    return one_line(text or "")[:300] or "no details"
+
+
+def tool_call_arguments_text(arguments):
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
+class OpenAIModel(HTTPModel):
+    """Any OpenAI-compatible Chat Completions server: OpenAI, Ollama, llama.cpp,
+    vLLM, LM Studio, OpenRouter, Groq."""
+
+    name = "openai"
+    default_base_url = "https://api.openai.com/v1"
+    default_model = "gpt-4o-mini"
+    default_key_name = "openai_api_key"
+
+    def complete(self, system, messages, tools):
+        payload = {"model": self.model, "messages": self._messages(system, messages),
+                   "max_tokens": self.config.max_tokens}
+        if self.config.temperature is not None:
+            payload["temperature"] = self.config.temperature
+        if tools:
+            payload["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}}
+                for t in tools]
+        headers = {}
+        key = self.api_key()
+        if key:
+            headers["Authorization"] = "Bearer " + key
+        data = self.post(self.base_url + "/chat/completions", payload, headers)
+        try:
+            message = data["choices"][0]["message"]
+            calls = [{"id": c.get("id") or new_id("call"), "name": c["function"]["name"],
+                      "arguments": c["function"].get("arguments") or "{}"}
+                     for c in message.get("tool_calls") or ()]
+        except (KeyError, IndexError, TypeError):
+            raise ApiError(502, "the openai model server answered in an unexpected "
+                                  "shape (no choices[0].message)") from None
+        return ModelReply(message.get("content") or "", calls)
+
+    @staticmethod
+    def _messages(system, messages):
+        out = [{"role": "system", "content": system}]
+        for m in messages:
+            if m["role"] == "tool":
+                out.append({"role": "tool", "tool_call_id": m["tool_call_id"],
+                            "content": m["content"]})
+            elif m.get("tool_calls"):
+                out.append({"role": "assistant", "content": m["content"] or None,
+                            "tool_calls": [{"id": c["id"], "type": "function", "function": {
+                                "name": c["name"],
+                                "arguments": tool_call_arguments_text(c["arguments"])}}
+                                for c in m["tool_calls"]]})
+            else:
+                out.append({"role": m["role"], "content": m["content"]})
+        return out
+
+
+class AnthropicModel(HTTPModel):
+    """Anthropic's Messages API with tool use."""
+
+    name = "anthropic"
+    default_base_url = "https://api.anthropic.com"
+    default_model = "claude-sonnet-4-5"
+    default_key_name = "anthropic_api_key"
+    API_VERSION = "2023-06-01"
+
+    def complete(self, system, messages, tools):
+        payload = {"model": self.model, "system": system, "max_tokens": self.config.max_tokens,
+                   "messages": self._messages(messages)}
+        if self.config.temperature is not None:
+            payload["temperature"] = self.config.temperature
+        if tools:
+            payload["tools"] = [{"name": t.name, "description": t.description,
+                                 "input_schema": t.parameters} for t in tools]
+        headers = {"anthropic-version": self.API_VERSION}
+        key = self.api_key()
+        if key:
+            headers["x-api-key"] = key
+        data = self.post(self.base_url + "/v1/messages", payload, headers)
+        try:
+            blocks = data["content"]
+            text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+            calls = [{"id": b["id"], "name": b["name"], "arguments": b.get("input") or {}}
+                     for b in blocks if b.get("type") == "tool_use"]
+        except (KeyError, TypeError, AttributeError):
+            raise ApiError(502, "the anthropic model server answered in an unexpected "
+                                  "shape (no content blocks)") from None
+        return ModelReply(text, calls)
+
+    @staticmethod
+    def _messages(messages):
+        out = []
+        for m in messages:
+            if m["role"] == "tool":
+                block = {"type": "tool_result", "tool_use_id": m["tool_call_id"],
+                         "content": m["content"]}
+                if m.get("is_error"):
+                    block["is_error"] = True
+                if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):
+                    out[-1]["content"].append(block)  # results of one step share a message
+                else:
+                    out.append({"role": "user", "content": [block]})
+            elif m.get("tool_calls"):
+                content = [{"type": "text", "text": m["content"]}] if m["content"] else []
+                for c in m["tool_calls"]:
+                    arguments = c["arguments"]
+                    if isinstance(arguments, str):
+                        try:
+                            arguments = json.loads(arguments or "{}")
+                        except ValueError:
+                            arguments = {}
+                    content.append({"type": "tool_use", "id": c["id"], "name": c["name"],
+                                    "input": arguments if isinstance(arguments, dict) else {}})
+                out.append({"role": "assistant", "content": content})
+            else:
+                out.append({"role": m["role"], "content": m["content"]})
+        return out
+
+
+def build_model(agent_config, vault, metrics=None):
+    if agent_config.provider == "openai":
+        return OpenAIModel(agent_config, vault, metrics)
+    if agent_config.provider == "anthropic":
+        return AnthropicModel(agent_config, vault, metrics)
+    return BuiltinModel()
+
+
+# ============================================================================
+# Agent: the turn loop and sessions
+# ============================================================================
+
+def render_user_message(request):
+    """The new message as the model sees it: the text, then what the sender
+    attached (metadata such as a location, and attachment URLs)."""
+    parts = [request["message"]]
+    if request.get("metadata"):
+        parts.append("Metadata from the sender's platform: "
+                     + json.dumps(request["metadata"], ensure_ascii=False))
+    for item in request.get("attachments") or ():
+        label = " ".join(x for x in (item.get("name"), f"({item['type']})"
+                                     if item.get("type") else None) if x)
+        parts.append(f"Attachment {label}: {item['url']}".replace("  ", " "))
+    return "\n\n".join(parts)
+
+
+class Agent:
+    """One turn: the model sees the system prompt, the session's history and the
+    new message; it may call tools (results go back to it) until it answers or
+    max_steps model calls are used. Only the user's message and the final reply
+    are kept in the session's history."""
+
+    def __init__(self, model, tools, store, config, metrics=None):
+        self.model = model
+        self.tools = tools
+        self.store = store
+        self.config = config
+        self.metrics = metrics or Metrics()
+
+    def system_prompt(self, metadata):
+        zone = metadata.get("timezone") if isinstance(metadata.get("timezone"), str) else None
+        try:
+            now = datetime.datetime.now(zoneinfo.ZoneInfo(zone)) if zone else None
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            now = None
+        now = now or datetime.datetime.now().astimezone()
+        return (f"{self.config.agent.system_prompt}\n\n"
+                f"Current date and time: {now:%A} {now.isoformat(timespec='minutes')}.")
+
+    def run_turn(self, request, session_id, message_id=None):
+        """Returns {"reply", "session_id", "tool_calls"}; raises ApiError."""
+        agent, sessions = self.config.agent, self.config.sessions
+        metadata = request.get("metadata") or {}
+        ctx = types.SimpleNamespace(user_id=request["user_id"], session_id=session_id,
+                                    metadata=metadata, store=self.store, message_id=message_id)
+        messages = self.store.history(session_id, sessions.max_history)
+        messages.append({"role": "user", "content": render_user_message(request),
+                         "text": request["message"]})
+        system = self.system_prompt(metadata)
+        tools = self.tools.specs()
+        records = []
+        outcome = "error"
+        try:
+            for _ in range(agent.max_steps):
+                answer = self.model.complete(system, messages, tools)
+                if not answer.tool_calls:
+                    reply = answer.text.strip() or "(the model returned an empty reply)"
+                    break
+                messages.append({"role": "assistant", "content": answer.text,
+                                 "tool_calls": answer.tool_calls})
+                for call in answer.tool_calls:
+                    record = self.tools.invoke(call, ctx)
+                    records.append(record)
+                    content = ({"error": record["error"]} if "error" in record
+                               else record["result"])
+                    messages.append({"role": "tool", "tool_call_id": call["id"],
+                                     "name": call["name"], "is_error": "error" in record,
+                                     "content": json.dumps(content, ensure_ascii=False)})
+            else:
+                reply = (f"I stopped after {agent.max_steps} model calls without reaching an "
+                         "answer ([agent] max_steps). Please try a simpler request.")
+            self.store.record_exchange(session_id, request["message"], reply,
+                                       sessions.max_history)
+            outcome = "ok"
+        finally:
+            self.metrics.inc("aibutler_agent_turns_total",
+                             (("provider", agent.provider), ("outcome", outcome)))
+        return {"reply": reply, "session_id": session_id, "tool_calls": records}
+
+
+# ============================================================================
+# Delivery: the inbox (sync turns, durable async accept, idempotency),
+# turn workers and the callback dispatcher
+# ============================================================================
+
+def sign_payload(secret, message_id, timestamp, body):
+    """Standard Webhooks v1: base64 HMAC-SHA256 of "id.timestamp.body", keyed
+    with the UTF-8 bytes of the secret."""
+    digest = hmac.new(secret.encode(), f"{message_id}.{timestamp}.".encode() + body,
+                      hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def request_fingerprint(request):
+    canonical = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Signal:
+    """Wakes one waiting thread per notify(); a notify with nobody waiting is kept
+    for the next wait, so work that arrives between a poll and a wait is not
+    left for the poll interval."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._pending = 0
+
+    def notify(self, count=1):
+        with self._cv:
+            self._pending += count
+            self._cv.notify(count)
+
+    def wait(self, timeout):
+        with self._cv:
+            if self._pending == 0:
+                self._cv.wait(timeout)
+            self._pending = max(0, self._pending - 1)
+
+
+class Inbox:
+    """Where a valid message goes: a turn run now (sync) or a job committed to
+    sqlite before 202 is answered (async). A repeated Idempotency-Key (or
+    webhook-id) from the same user returns the stored answer instead of running
+    the agent and its tools again."""
+
+    def __init__(self, config, store, agent, workers):
+        self.config = config
+        self.store = store
+        self.agent = agent
+        self.workers = workers
+        self._finished = threading.Condition()
+
+    def run_sync(self, request, key=None):
+        """Returns (status, body, replayed)."""
+        user_id = request["user_id"]
+        if key:
+            replay = self._claim_key(request, key)
+            if replay:
+                return replay
+        try:
+            session_id = self.store.resolve_session(user_id, request.get("session_id"),
+                                                    self.config.sessions.idle_timeout)
+            if session_id is None:
+                raise unknown_session()
+            result = self.agent.run_turn(request, session_id)
+        except BaseException:
+            if key:
+                self.store.idempotency_drop(user_id, key)  # a retry may run it again
+                self._announce()
+            raise
+        if key:
+            with self.store.transaction() as db:
+                self.store.idempotency_finish(db, user_id, key, 200, result)
+            self._announce()
+        return 200, result, False
+
+    def accept(self, request, key=None):
+        """Commit the message durably, then answer 202. Returns (status, body, replayed)."""
+        user_id = request["user_id"]
+        delivery = self.config.delivery
+        with self.store.transaction(durable=True) as db:
+            if key:
+                state, row = self.store.idempotency_begin(db, user_id, key,
+                                                          request_fingerprint(request),
+                                                          delivery.idempotency_ttl)
+                if state == "mismatch":
+                    raise key_reused()
+                if state != "new":
+                    return row["status"], json.loads(row["response"]), True
+            if self.store.pending_jobs(db) >= delivery.max_pending:
+                raise ApiError(503, f"the queue is full ({delivery.max_pending} messages "
+                                    "waiting); try again later", retry_after=30)
+            session_id = self.store.resolve_session(user_id, request.get("session_id"),
+                                                    self.config.sessions.idle_timeout, db)
+            if session_id is None:
+                raise unknown_session()
+            message_id = new_id("msg")
+            self.store.add_job(db, message_id, user_id, session_id, request)
+            body = {"status": "accepted", "session_id": session_id, "message_id": message_id}
+            if key:
+                self.store.idempotency_finish(db, user_id, key, 202, body)
+        self.workers.notify()
+        return 202, body, False
+
+    def _claim_key(self, request, key):
+        """Own the key (returns None) or return the stored answer, waiting while
+        the first request with this key is still running."""
+        user_id = request["user_id"]
+        fingerprint = request_fingerprint(request)
+        agent = self.config.agent
+        deadline = time.monotonic() + agent.timeout * agent.max_steps + 30
+        while True:
+            with self.store.transaction() as db:
+                state, row = self.store.idempotency_begin(db, user_id, key, fingerprint,
+                                                          self.config.delivery.idempotency_ttl)
+            if state == "new":
+                return None
+            if state == "mismatch":
+                raise key_reused()
+            if state == "done":
+                return row["status"], json.loads(row["response"]), True
+            if time.monotonic() > deadline:
+                raise ApiError(409, "a request with this idempotency key is still being "
+                                    "processed; try again later", retry_after=10)
+            with self._finished:
+                self._finished.wait(0.5)
+
+    def _announce(self):
+        with self._finished:
+            self._finished.notify_all()
+
+
+def unknown_session():
+    return ApiError(422, "session_id does not name a session of this user_id; leave it out "
+                         "to continue the current session", field="session_id")
+
+
+def key_reused():
+    return ApiError(422, "this idempotency key was already used for a different request",
+                    field="Idempotency-Key")
+
+
+class WorkerPool:
+    """Threads that each run `work()` until stop; `work()` returns False when it
+    found nothing to do, and the thread then sleeps until notified (or `poll`
+    seconds pass). Tracks what each thread is doing, for the watchdog."""
+
+    def __init__(self, name, count, poll=1.0):
+        self.name = name
+        self.count = count
+        self.poll = poll
+        self.signal = Signal()
+        self._stopping = threading.Event()
+        self._threads = []
+        self._busy_since = {}
+
+    def start(self):
+        self._stopping.clear()
+        for index in range(self.count):
+            thread = threading.Thread(target=self._loop, name=f"{self.name}-{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def notify(self):
+        self.signal.notify()
+
+    def stop(self, deadline):
+        self._stopping.set()
+        self.signal.notify(len(self._threads))
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = [t.name for t in self._threads if t.is_alive()]
+        if left:
+            log.warning("%s: still busy at shutdown, left for the next start: %s",
+                        self.name, ", ".join(left))
+        self._threads = []
+
+    def healthy(self, wedged_after):
+        """All threads alive and none stuck on one item for longer than wedged_after."""
+        now = time.monotonic()
+        if len(self._threads) != self.count or not all(t.is_alive() for t in self._threads):
+            return False
+        return all(now - since < wedged_after for since in list(self._busy_since.values()))
+
+    def _loop(self):
+        me = threading.current_thread().name
+        while not self._stopping.is_set():
+            try:
+                self._busy_since[me] = time.monotonic()
+                did_work = self.work()
+            except Exception:  # keep the thread alive; the item stays in sqlite for later
+                log.exception("%s: unexpected error", me)
+                did_work = False
+            finally:
+                self._busy_since.pop(me, None)
+            if not did_work:
+                self.signal.wait(self.next_wait())
+
+    def next_wait(self):
+        return self.poll
+
+    def work(self):
+        raise NotImplementedError
+
+
+class TurnWorkers(WorkerPool):
+    """Run queued async turns, one user's messages in arrival order, and put
+    each reply (or error) in the outbox for the dispatcher."""
+
+    def __init__(self, store, agent, dispatcher, count):
+        super().__init__("turn-worker", count)
+        self.store = store
+        self.agent = agent
+        self.dispatcher = dispatcher
+
+    def work(self):
+        job = self.store.claim_job()
+        if job is None:
+            return False
+        request = json.loads(job["request"])
+        body = {"session_id": job["session_id"], "in_reply_to": job["user_id"],
+                "message_id": job["message_id"]}
+        try:
+            result = self.agent.run_turn(request, job["session_id"], job["message_id"])
+            body.update(reply=result["reply"], tool_calls=result["tool_calls"])
+        except ApiError as exc:
+            log.warning("turn %s failed: %s", job["message_id"], exc.description)
+            body["error"] = exc.as_dict()
+        except Exception:
+            log.exception("turn %s failed unexpectedly", job["message_id"])
+            body["error"] = error_dict(500, "the agent failed unexpectedly; the daemon's log "
+                                            "has the details")
+        self.store.finish_job(job, body)
+        self.dispatcher.notify()
+        return True
+
+
+class CallbackDispatcher(WorkerPool):
+    """POST outbox entries to the outbound URL with the configured auth header
+    and a Standard Webhooks signature. The same webhook-id (= message_id) goes
+    with every retry so receivers can drop duplicates. Retries follow
+    [delivery] retry_schedule with jitter; Retry-After is honoured on 429/503;
+    other 4xx (but 408) are final."""
+
+    MAX_RETRY_AFTER = 86400.0
+
+    def __init__(self, config, store, vault, metrics=None, clock=time.time):
+        super().__init__("dispatcher", config.delivery.dispatchers)
+        self.config = config
+        self.store = store
+        self.vault = vault
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+
+    def queue_notification(self, ctx, message):
+        """The webhook_send tool: a message of the agent's own to the outbound URL."""
+        message_id = new_id("msg")
+        body = {"type": "notification", "session_id": ctx.session_id,
+                "in_reply_to": ctx.user_id, "message_id": message_id, "message": message}
+        with self.store.transaction(durable=True) as db:
+            self.store.add_delivery(db, message_id, ctx.user_id, body)
+        self.notify()
+        return message_id
+
+    def next_wait(self):
+        due = self.store.next_delivery_due()
+        if due is None:
+            return self.poll
+        return min(self.poll, max(0.01, due - self.clock()))
+
+    def work(self):
+        row = self.store.claim_delivery()
+        if row is None:
+            return False
+        self.deliver(row)
+        return True
+
+    def headers(self, message_id, body):
+        webhook = self.config.webhook
+        secret = self.vault.get(SECRET_NAME) or ""
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   "webhook-id": message_id}
+        if webhook.auth_type == "bearer":
+            headers["Authorization"] = "Bearer " + secret
+        elif webhook.auth_type == "basic":
+            token = base64.b64encode(f"{webhook.auth_user}:{secret}".encode()).decode()
+            headers["Authorization"] = "Basic " + token
+        if webhook.sign:
+            timestamp = str(int(self.clock()))
+            headers["webhook-timestamp"] = timestamp
+            headers["webhook-signature"] = sign_payload(secret, message_id, timestamp, body)
+        return headers
+
+    def deliver(self, row):
+        url = self.config.webhook.outbound_url
+        attempt = row["attempts"] + 1
+        if not url:
+            self._retry(row, attempt, "no outbound URL is configured", retry_after=60)
+            return
+        body = row["body"].encode()
+        try:
+            status, headers, _ = http_post(url, body, self.headers(row["message_id"], body),
+                                           self.config.webhook.callback_timeout)
+        except OSError as exc:
+            reason = "timed out" if is_timeout(exc) else network_reason(exc)
+            self._retry(row, attempt, f"network error: {reason}")
+            return
+        if 200 <= status < 300:
+            self.store.delivery_done(row["seq"])
+            self.metrics.inc("aibutler_deliveries_total", (("outcome", "delivered"),))
+            log.info("delivery %s: delivered to %s (attempt %d)", row["message_id"],
+                     url_host(url), attempt)
+        elif status in (408, 429) or status >= 500:
+            retry_after = (parse_retry_after(headers.get("Retry-After"))
+                           if status in (429, 503) else None)
+            self._retry(row, attempt, f"HTTP {status}", retry_after)
+        else:
+            self._fail(row, attempt, f"HTTP {status}, which is not retried")
+
+    def _retry(self, row, attempt, error, retry_after=None):
+        schedule = self.config.delivery.retry_schedule
+        if attempt > len(schedule):
+            self._fail(row, attempt, f"{error}; gave up after {attempt} attempts")
+            return
+        if retry_after is not None:
+            delay = min(retry_after, self.MAX_RETRY_AFTER)
+        else:
+            delay = schedule[attempt - 1] * random.uniform(0.8, 1.2)
+        self.store.delivery_retry_at(row["seq"], self.clock() + delay, error)
+        self.metrics.inc("aibutler_deliveries_total", (("outcome", "retry"),))
+        log.warning("delivery %s: attempt %d failed (%s); next try in %.1fs",
+                    row["message_id"], attempt, error, delay)
+
+    def _fail(self, row, attempt, error):
+        self.store.delivery_failed(row["seq"], error)
+        self.metrics.inc("aibutler_deliveries_total", (("outcome", "failed"),))
+        log.error("delivery %s: FAILED for good after attempt %d: %s. "
+                  "Retry it with: python aibutler.py deliveries retry %s",
+                  row["message_id"], attempt, error, row["message_id"])
+
+
+# ============================================================================
+# HTTP: rate limits, authentication, resources, create_app
+# ============================================================================
+
+class RateLimiter:
+    """Token buckets, one per key; holds at most max_keys buckets (full ones go first)."""
+
+    def __init__(self, rate, max_keys=10000):
+        self.capacity, period = rate
+        self.refill = self.capacity / period if self.capacity else 0.0
+        self.max_keys = max_keys
+        self._buckets = {}
+        self._lock = threading.Lock()
+
+    def take(self, key=""):
+        """0 when allowed, else the seconds until a token is free."""
+        if not self.capacity:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.refill)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                if len(self._buckets) > self.max_keys:
+                    self._prune(now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self.refill
+
+    def _prune(self, now):
+        for key, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) * self.refill >= self.capacity:
+                del self._buckets[key]
+        while len(self._buckets) > self.max_keys:  # all busy: drop the oldest
+            del self._buckets[next(iter(self._buckets))]
+
+    def __len__(self):
+        return len(self._buckets)
+
+
+class Authenticator:
+    """Checks X-Aibutler-Secret (or a Standard Webhooks signature made with the
+    same secret) and throttles client addresses that keep failing."""
+
+    FAILURES_ALLOWED, FAILURE_WINDOW, BLOCK_FOR = 10, 60.0, 60.0
+    SIGNATURE_TOLERANCE = 300
+
+    def __init__(self, config, vault, store, metrics=None):
+        self.config = config
+        self.vault = vault
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self._failures = {}
+        self._blocked = {}
+        self._lock = threading.Lock()
+
+    def client_address(self, req):
+        address = req.remote_addr or ""
+        trusted = self.config.server.trusted_proxies
+        if not trusted or not ip_in(address, trusted):
+            return address
+        forwarded = [a.strip() for a in (req.get_header("X-Forwarded-For") or "").split(",")]
+        for hop in reversed([a for a in forwarded if a]):
+            if not ip_in(hop, trusted):
+                return hop
+        return address
+
+    def check(self, req):
+        """Before the body is read. Returns "signature" when the request is signed
+        instead (verify_signature then needs the body); raises 401/429."""
+        client = self.client_address(req)
+        wait = self._blocked_for(client)
+        if wait:
+            self.metrics.inc("aibutler_rate_limited_total", (("scope", "auth_failures"),))
+            raise ApiError(429, "too many failed authentications from this address",
+                           retry_after=math.ceil(wait))
+        given = req.get_header("X-Aibutler-Secret")
+        if given is None and req.get_header("webhook-signature"):
+            return "signature"
+        if given and any(hmac.compare_digest(given.encode(), s.encode())
+                         for s in self.secrets()):
+            return "secret"
+        self.failed(client, "missing" if given is None else "wrong")
+
+    def verify_signature(self, req, body):
+        client = self.client_address(req)
+        webhook_id = req.get_header("webhook-id") or ""
+        timestamp = req.get_header("webhook-timestamp") or ""
+        given = (req.get_header("webhook-signature") or "").split()
+        if not webhook_id or not timestamp.isdigit():
+            self.failed(client, "signed without webhook-id/webhook-timestamp")
+        if abs(time.time() - int(timestamp)) > self.SIGNATURE_TOLERANCE:
+            self.failed(client, "signature timestamp more than 5 minutes off")
+        expected = {sign_payload(s, webhook_id, timestamp, body) for s in self.secrets()}
+        if not any(hmac.compare_digest(g.encode(), e.encode()) for g in given for e in expected):
+            self.failed(client, "bad signature")
+        if self.store.signature_seen(webhook_id, timestamp, 2 * self.SIGNATURE_TOLERANCE):
+            self.failed(client, "replayed signed request")
+
+    def secrets(self):
+        return accepted_secrets(self.vault, self.config.webhook.previous_secret_grace)
+
+    def failed(self, client, why):
+        self.metrics.inc("aibutler_auth_failures_total")
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(client, ()) if now - t < self.FAILURE_WINDOW]
+            recent.append(now)
+            self._failures[client] = recent
+            if len(self._failures) > 10000:
+                self._failures = {c: v for c, v in self._failures.items()
+                                  if now - v[-1] < self.FAILURE_WINDOW}
+            if len(recent) >= self.FAILURES_ALLOWED:
+                self._blocked[client] = now + self.BLOCK_FOR
+                self._failures.pop(client, None)
+                log.warning("auth: %d failed attempts from %s within %ds; refusing it for %ds",
+                            len(recent), client, self.FAILURE_WINDOW, self.BLOCK_FOR)
+            elif len(recent) == 1:
+                log.warning("auth: rejected a request from %s (%s secret)", client, why)
+        raise ApiError(401, "missing or wrong X-Aibutler-Secret header (check for trailing "
+                            "newlines or whitespace in the secret)"
+                       if why in ("missing", "wrong") else f"authentication failed: {why}")
+
+    def _blocked_for(self, client):
+        until = self._blocked.get(client)
+        if until is None:
+            return 0
+        left = until - time.monotonic()
+        if left <= 0:
+            with self._lock:
+                self._blocked.pop(client, None)
+            return 0
+        return left
+
+
+def ip_in(address, networks):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def parse_body(raw):
+    """Bytes -> JSON value, or a 400 saying exactly what is wrong."""
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+
+
+def validate_message(data):
+    """A parsed body -> the message the agent gets, or 422 naming the field."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "the body must be a JSON object")
+    user_id, message = data.get("user_id"), data.get("message")
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ApiError(422, "user_id is required: a non-empty string", field="user_id")
+    if len(user_id) > 256:
+        raise ApiError(422, "user_id is longer than 256 characters", field="user_id")
+    if not isinstance(message, str) or not message.strip():
+        raise ApiError(422, "message is required: a non-empty string", field="message")
+    request = {"user_id": user_id, "message": message}
+    metadata = data.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise ApiError(422, "metadata must be a JSON object", field="metadata")
+        request["metadata"] = metadata
+    session_id = data.get("session_id")
+    if session_id is not None:
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
+            raise ApiError(422, "session_id must be a string of 1 to 128 characters",
+                           field="session_id")
+        request["session_id"] = session_id
+    attachments = data.get("attachments")
+    if attachments is not None:
+        request["attachments"] = validate_attachments(attachments)
+    return request
+
+
+def validate_attachments(attachments):
+    if not isinstance(attachments, list) or len(attachments) > 20:
+        raise ApiError(422, "attachments must be a list of at most 20 {url, type?, name?}",
+                       field="attachments")
+    checked = []
+    for i, item in enumerate(attachments):
+        field = f"attachments[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(422, f"{field} must be an object {{url, type?, name?}}", field=field)
+        url = item.get("url")
+        if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https") \
+                or not urllib.parse.urlsplit(url).netloc:
+            raise ApiError(422, f"{field}.url must be an http(s) URL", field=field + ".url")
+        entry = {"url": url}
+        for key in ("type", "name"):
+            if item.get(key) is not None:
+                if not isinstance(item[key], str):
+                    raise ApiError(422, f"{field}.{key} must be a string", field=f"{field}.{key}")
+                entry[key] = item[key]
+        checked.append(entry)
+    return checked
+
+
+def is_json_media_type(content_type):
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
+
+
+class WebhookResource:
+    """POST /webhook/custom: authenticate, bound, parse, validate, limit, then run
+    the turn (sync) or queue it (async)."""
+
+    def __init__(self, butler):
+        self.butler = butler
+
+    def on_post(self, req, resp):
+        butler = self.butler
+        if butler.stopping:
+            raise ApiError(503, "the daemon is shutting down; try again shortly", retry_after=5)
+        how = butler.auth.check(req)
+        limit = butler.config.server.max_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes ([server] max_body_bytes)")
+        if not is_json_media_type(req.content_type):
+            raise ApiError(415, "send Content-Type: application/json. Form posts (like "
+                                "Twilio's application/x-www-form-urlencoded) need a small "
+                                "adapter that turns them into JSON; see the README")
+        raw = req.bounded_stream.read(limit + 1)
+        if len(raw) > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes ([server] max_body_bytes)")
+        if how == "signature":
+            butler.auth.verify_signature(req, raw)
+        request = validate_message(parse_body(raw))
+        butler.check_rate(request["user_id"])
+        key = req.get_header("Idempotency-Key") or req.get_header("webhook-id")
+        if key is not None and not 0 < len(key) <= 255:
+            raise ApiError(422, "Idempotency-Key must be 1 to 255 characters",
+                           field="Idempotency-Key")
+        if butler.config.async_mode:
+            status, body, replayed = butler.inbox.accept(request, key)
+        else:
+            status, body, replayed = butler.inbox.run_sync(request, key)
+        resp.status = status_line(status)
+        resp.media = body
+        if replayed:
+            resp.set_header("Idempotent-Replayed", "true")
+
+
+class HealthResource:
+    def on_get(self, req, resp):
+        resp.media = {"status": "ok", "version": __version__}
+
+
+class ReadyResource:
+    """503 while the async queue is over capacity or a worker or dispatcher died."""
+
+    def __init__(self, butler):
+        self.butler = butler
+
+    def on_get(self, req, resp):
+        checks = self.butler.readiness()
+        ready = all(checks.values())
+        resp.status = status_line(200 if ready else 503)
+        resp.media = {"status": "ready" if ready else "not ready", "checks": checks}
+
+
+class MetricsResource:
+    def __init__(self, butler):
+        self.butler = butler
+
+    def on_get(self, req, resp):
+        if not self.butler.config.server.metrics_public:
+            if self.butler.auth.check(req) != "secret":
+                raise ApiError(401, "/metrics needs the X-Aibutler-Secret header "
+                                    "(or [server] metrics_public = true)")
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.text = self.butler.metrics.render()
+
+
+class RequestLog:
+    """One log line and one metrics sample per request; the message text is never logged."""
+
+    def __init__(self, butler):
+        self.butler = butler
+
+    def process_request(self, req, resp):
+        req.context.started = time.monotonic()
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        seconds = time.monotonic() - getattr(req.context, "started", time.monotonic())
+        status = falcon.http_status_to_code(resp.status)
+        path = req.path if resource is not None else "(unmatched)"
+        log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
+        metrics = self.butler.metrics
+        metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
+        metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
+
+
+def status_line(code):
+    return falcon.code_to_http_status(code)
+
+
+def write_error(resp, status, description, *, title=None, field=None, retry_after=None):
+    resp.status = status_line(status)
+    resp.content_type = "application/json"
+    resp.data = json.dumps({"error": error_dict(status, description, title, field)}).encode()
+    if retry_after is not None:
+        resp.set_header("Retry-After", str(int(math.ceil(retry_after))))
+
+
+def serialize_falcon_error(req, resp, exc):
+    """falcon's own errors (404, 405, bad headers) in the project's one error shape."""
+    status = falcon.http_status_to_code(exc.status)
+    description = exc.description or {
+        404: f"no route for {req.path}",
+        405: f"{req.method} is not allowed on {req.path}",
+    }.get(status, HTTPStatus(status).phrase)
+    title = exc.title if exc.title and not exc.title[:3].isdigit() else None
+    write_error(resp, status, description, title=title)
+
+
+def handle_api_error(req, resp, exc, params):
+    write_error(resp, exc.status, exc.description, field=exc.field, retry_after=exc.retry_after)
+
+
+def handle_unexpected(req, resp, exc, params):
+    log.error("unhandled error on %s %s", req.method, req.path, exc_info=exc)
+    write_error(resp, 500, "internal error; the daemon's log has the details")
+
+
+def create_app(butler):
+    app = falcon.App(middleware=[RequestLog(butler)])
+    app.req_options.strip_url_path_trailing_slash = True
+    app.set_error_serializer(serialize_falcon_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(ApiError, handle_api_error)
+    if butler.config.webhook_enabled:
+        app.add_route(butler.config.webhook.path, WebhookResource(butler))
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(butler))
+    app.add_route("/metrics", MetricsResource(butler))
+    return app
+
+
+# ============================================================================
+# Serving: the butler (all parts wired), waitress, signals, systemd notify
+# ============================================================================
+
+class Butler:
+    """Every working part, wired together once. The HTTP app, the daemon and the
+    tests all use this; nothing below reads globals."""
+
+    def __init__(self, config, vault, store, metrics=None):
+        self.config = config
+        self.vault = vault
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.stopping = False
+        self.dispatcher = CallbackDispatcher(config, store, vault, self.metrics)
+        self.tools = build_tools(store, self.dispatcher.queue_notification
+                                 if config.async_mode else None, self.metrics)
+        self.agent = Agent(build_model(config.agent, vault, self.metrics), self.tools, store,
+                           config, self.metrics)
+        self.workers = TurnWorkers(store, self.agent, self.dispatcher, config.delivery.workers)
+        self.inbox = Inbox(config, store, self.agent, self.workers)
+        self.auth = Authenticator(config, vault, store, self.metrics)
+        self._set_limits(config)
+        self.metrics.gauge("aibutler_queue_depth", store.pending_jobs)
+        self.metrics.gauge("aibutler_deliveries_pending",
+                           lambda: store.delivery_counts().get("pending", 0))
+        self._started = False
+
+    def _set_limits(self, config):
+        self.channel_limit = RateLimiter(config.limits.rate, max_keys=1)
+        self.user_limit = RateLimiter(config.limits.user_rate)
+
+    def check_rate(self, user_id):
+        for scope, limiter, key in (("channel", self.channel_limit, ""),
+                                    ("user", self.user_limit, user_id)):
+            wait = limiter.take(key)
+            if wait:
+                self.metrics.inc("aibutler_rate_limited_total", (("scope", scope),))
+                raise ApiError(429, f"rate limit reached for this {scope} ([limits] "
+                                    f"{'rate' if scope == 'channel' else 'user_rate'})",
+                               retry_after=max(1, math.ceil(wait)))
+
+    def start(self):
+        jobs, sends = self.store.recover()
+        if jobs or sends:
+            log.info("recovered from the last run: %d turn(s) to run, %d callback(s) to send",
+                     jobs, sends)
+        self.workers.start()
+        self.dispatcher.start()
+        self._started = True
+
+    def stop(self, deadline):
+        self.stopping = True
+        if self._started:
+            self.workers.stop(deadline)
+            self.dispatcher.stop(deadline)
+            self._started = False
+
+    def wedged_after(self):
+        agent = self.config.agent
+        return agent.timeout * agent.max_steps + self.config.webhook.callback_timeout + 60
+
+    def readiness(self):
+        limit = self.wedged_after()
+        return {"workers": self.workers.healthy(limit),
+                "dispatchers": self.dispatcher.healthy(limit),
+                "queue": self.store.pending_jobs() < self.config.delivery.max_pending}
+
+    def reload(self, config):
+        """Apply a re-read config file (SIGHUP) to the running parts."""
+        async_before = self.config.async_mode
+        for part in (self, self.dispatcher, self.inbox, self.auth, self.agent):
+            part.config = config
+        self.agent.model = build_model(config.agent, self.vault, self.metrics)
+        self._set_limits(config)
+        if config.async_mode != async_before:
+            log.warning("config: switching between sync and async mode needs a restart")
+
+
+def sd_notify(message, env=None):
+    """Send one sd_notify datagram; do nothing outside systemd."""
+    env = os.environ if env is None else env
+    address = env.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("systemd notify failed: %s", exc)
+        return False
+
+
+class Daemon:
+    """Serve the app with waitress until SIGTERM/SIGINT, then stop gracefully:
+    stop accepting, let in-flight requests, turns and callbacks finish up to
+    [server] shutdown_timeout, keep the rest in sqlite for the next start."""
+
+    def __init__(self, config, vault, store, config_path=None, env=None):
+        self.config = config
+        self.vault = vault
+        self.store = store
+        self.config_path = config_path
+        self.env = os.environ if env is None else env
+        self.butler = Butler(config, vault, store)
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.loop_beat = time.monotonic()
+        self.inflight = 0
+        self._inflight_lock = threading.Lock()
+
+    def wsgi(self, app):
+        """Count requests inside the app, so a graceful stop knows when they are done."""
+        def tracked(environ, start_response):
+            with self._inflight_lock:
+                self.inflight += 1
+            try:
+                return app(environ, start_response)
+            finally:
+                with self._inflight_lock:
+                    self.inflight -= 1
+        return tracked
+
+    def run(self):
+        import waitress
+        config, butler = self.config, self.butler
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # no "Task queue depth" floods
+        if ensure_webhook_secret(self.vault):
+            log.warning("webhook: no %s was set, so a new one was generated and stored in the "
+                        "vault. Print it with: python aibutler.py vault get %s",
+                        SECRET_NAME, SECRET_NAME)
+        server_cfg = config.server
+        try:
+            server = waitress.create_server(
+                self.wsgi(create_app(butler)), host=server_cfg.host, port=server_cfg.port,
+                threads=server_cfg.threads, connection_limit=server_cfg.connection_limit,
+                channel_timeout=int(server_cfg.channel_timeout), ident="",
+                max_request_body_size=2 * server_cfg.max_body_bytes + 65536)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", server_cfg.host, server_cfg.port, exc)
+            return EXIT_FAILURE
+        butler.start()
+        self._log_startup(server)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop_signal(server))
+        signal.signal(signal.SIGHUP, self._on_reload_signal(server))
+        sd_notify(f"READY=1\nSTATUS=listening on {server.effective_host}:"
+                  f"{server.effective_port}", self.env)
+        watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
+        watchdog.start()
+        self._serve(server)
+        self._shutdown(server)
+        return EXIT_OK
+
+    def _log_startup(self, server):
+        config = self.config
+        log.info("aibutler %s listening on http://%s:%s", __version__,
+                 server.effective_host, server.effective_port)
+        model = self.butler.agent.model
+        log.info("agent: provider %s%s", config.agent.provider,
+                 f", model {model.model} at {url_host(model.base_url)}"
+                 if isinstance(model, HTTPModel) else " (offline, no language model)")
+        if config.webhook_enabled:
+            mode = (f"async, callbacks to {url_host(config.webhook.outbound_url)} "
+                    f"({config.webhook.auth_type} auth)" if config.async_mode else "sync")
+            log.info("channels: webhook at %s (%s)", config.webhook.path, mode)
+        else:
+            log.info("channels: none active (enable [channels.webhook])")
+        if config.async_mode:
+            log.info("webhook: tools registered (webhook_send)")
+        for warning in config.warnings:
+            log.warning("config: %s", warning)
+
+    def _on_stop_signal(self, server):
+        def handler(signum, frame):
+            if not self.stop_requested.is_set():
+                self.stop_requested.set()
+                server.pull_trigger()
+                log.info("received %s; stopping", signal.Signals(signum).name)
+        return handler
+
+    def _on_reload_signal(self, server):
+        def handler(signum, frame):
+            self.reload_requested.set()
+            server.pull_trigger()
+        return handler
+
+    def _serve(self, server):
+        """waitress's own loop, one poll at a time, so a stop can be graceful."""
+        loop = server.asyncore.loop
+        while not self.stop_requested.is_set():
+            loop(timeout=1.0, map=server._map, use_poll=True, count=1)
+            self.loop_beat = time.monotonic()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload()
+
+    def _reload(self):
+        try:
+            config = load_config(self.config_path, self.env)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running config", exc)
+            return
+        self.config = config
+        self.butler.reload(config)
+        logging.getLogger().setLevel(config.server.log_level.upper())
+        log.info("reload: config re-read from %s", config.source or "defaults")
+
+    def _shutdown(self, server):
+        sd_notify("STOPPING=1\nSTATUS=stopping", self.env)
+        deadline = time.monotonic() + self.config.server.shutdown_timeout
+        self.butler.stopping = True
+        server.accepting = False
+        server.close()  # stop listening: new connections are refused, not left hanging
+        loop = server.asyncore.loop
+        while time.monotonic() < deadline and (self.inflight or pending_output(server)):
+            loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+        self.butler.stop(deadline)
+        server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
+        self.store.close()
+        log.info("stopped")
+
+    def _watchdog(self):
+        """Feed systemd's watchdog only while every part is alive; prune storage hourly."""
+        usec = self.env.get("WATCHDOG_USEC")
+        pid = self.env.get("WATCHDOG_PID")
+        interval = int(usec) / 2e6 if usec and (not pid or pid == str(os.getpid())) else None
+        next_prune = 0.0
+        while not self.stop_requested.wait(interval or 60.0):
+            if interval:
+                problems = self.problems()
+                if problems:
+                    log.error("watchdog: not feeding systemd: %s", "; ".join(problems))
+                    sd_notify("STATUS=unhealthy: " + "; ".join(problems), self.env)
+                else:
+                    sd_notify("WATCHDOG=1", self.env)
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + 3600
+                try:
+                    self.store.prune(self.config.delivery.idempotency_ttl)
+                except sqlite3.Error as exc:
+                    log.error("storage: pruning failed: %s", exc)
+
+    def problems(self):
+        found = [name + " not healthy" for name, ok in self.butler.readiness().items()
+                 if not ok and name != "queue"]
+        if time.monotonic() - self.loop_beat > 30:
+            found.append("the HTTP server loop is stuck")
+        return found
+
+
+def pending_output(server):
+    """True while some connection still has a response to flush."""
+    return any(getattr(channel, "total_outbufs_len", 0) or getattr(channel, "requests", None)
+               for channel in list(server._map.values()))
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="aibutler", description="A webhook daemon that lets anything able to POST JSON "
+                                     "talk to an AI agent.")
+    parser.add_argument("--version", action="version", version=f"aibutler {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    run = commands.add_parser("run", help="serve the webhook until stopped")
+    run.add_argument("--config", metavar="FILE", help="config file (default: $AIBUTLER_CONFIG, "
+                                                      "else <data>/config.ini if present)")
+    run.add_argument("--host", help="address to listen on (overrides [server] host)")
+    run.add_argument("--port", type=int, help="port to listen on, 0 for any free one")
+    run.set_defaults(func=cmd_run)
+
+    vault = commands.add_parser("vault", help="manage secrets (webhook_auth_secret, API keys)")
+    verbs = vault.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    vault_set = verbs.add_parser("set", help="store a secret (read from stdin when no VALUE)")
+    vault_set.add_argument("name")
+    vault_set.add_argument("value", nargs="?", help="the value; prefer stdin: argv shows in ps")
+    vault_set.set_defaults(func=cmd_vault_set)
+    vault_get = verbs.add_parser("get", help="print a secret (exit 1 when missing)")
+    vault_get.add_argument("name")
+    vault_get.set_defaults(func=cmd_vault_get)
+    verbs.add_parser("list", help="list secret names (never values)").set_defaults(
+        func=cmd_vault_list)
+    vault_delete = verbs.add_parser("delete", help="remove a secret")
+    vault_delete.add_argument("name")
+    vault_delete.set_defaults(func=cmd_vault_delete)
+    vault_rotate = verbs.add_parser("rotate", help="replace a secret with a new random one, "
+                                                   "keeping the old one valid for a grace period")
+    vault_rotate.add_argument("name")
+    vault_rotate.set_defaults(func=cmd_vault_rotate)
+
+    deliveries = commands.add_parser("deliveries", help="inspect and retry async callbacks")
+    verbs = deliveries.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    listing = verbs.add_parser("list", help="recent callbacks and their state")
+    listing.add_argument("--failed", action="store_true", help="only the failed ones")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=cmd_deliveries_list)
+    retry = verbs.add_parser("retry", help="send a failed callback again")
+    retry.add_argument("message_id", nargs="?")
+    retry.add_argument("--all-failed", action="store_true")
+    retry.set_defaults(func=cmd_deliveries_retry)
+    purge = verbs.add_parser("purge", help="forget finished callbacks")
+    purge.add_argument("--older-than", required=True, type=duration_argument, metavar="AGE")
+    purge.set_defaults(func=cmd_deliveries_purge)
+    return parser
+
+
+def duration_argument(text):
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def fail(message, code=EXIT_FAILURE):
+    print(f"aibutler: {message}", file=sys.stderr)
+    return code
+
+
+def open_vault(env=None):
+    return Vault(os.path.join(data_dir_from_env(env), "vault.json"), env)
+
+
+def open_store(data_dir):
+    return Store(os.path.join(ensure_data_dir(data_dir), "aibutler.db"))
+
+
+def setup_logging(level):
+    timestamps = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format=timestamps + "%(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args):
+    if falcon is None:
+        return fail("falcon is not installed; " + INSTALL_HINT)
+    try:
+        import waitress  # noqa: F401  (checked here so the error is one clear line)
+    except ImportError:
+        return fail("waitress is not installed; " + INSTALL_HINT)
+    env = dict(os.environ)
+    if args.host:
+        env["AIBUTLER_HOST"] = args.host
+    if args.port is not None:
+        env["AIBUTLER_PORT"] = str(args.port)
+    try:
+        config = load_config(args.config, env)
+    except ConfigError as exc:
+        return fail(f"bad configuration: {exc}", EXIT_CONFIG)
+    setup_logging(config.server.log_level)
+    data_dir = ensure_data_dir(data_dir_from_env(env))
+    try:
+        vault = open_vault(env)
+        store = open_store(data_dir)
+        return Daemon(config, vault, store, args.config, env).run()
+    except (VaultError, sqlite3.Error) as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+
+
+def read_secret_value(args):
+    if args.value not in (None, "-"):
+        print("aibutler: warning: a value given on the command line is visible in `ps` and "
+              "shell history; pipe it on stdin instead", file=sys.stderr)
+        return args.value
+    if sys.stdin.isatty():
+        return getpass.getpass(f"{args.name}: ")
+    return sys.stdin.read()
+
+
+def check_name(name):
+    if Vault.valid_name(name):
+        return None
+    return fail(f"invalid name {name!r}: use lower-case letters, digits and _", EXIT_USAGE)
+
+
+def cmd_vault_set(args):
+    bad = check_name(args.name)
+    if bad is not None:
+        return bad
+    raw = read_secret_value(args)
+    value = raw.strip()
+    if value != raw:
+        print("aibutler: note: removed surrounding whitespace/newlines from the value "
+              "(HTTP strips them from header values, so they could never match)",
+              file=sys.stderr)
+    if not value:
+        return fail("refusing to store an empty value")
+    vault = open_vault()
+    vault.set(args.name, value)
+    print(f"aibutler: stored {args.name} in {vault.path}", file=sys.stderr)
+    source = vault.source(args.name)
+    if source != "file":
+        print(f"aibutler: warning: the {source} overrides the vault file for {args.name}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_vault_get(args):
+    bad = check_name(args.name)
+    if bad is not None:
+        return bad
+    value = open_vault().get(args.name)
+    if value is None:
+        return fail(f"{args.name} is not set")
+    print(value)
+    return EXIT_OK
+
+
+def cmd_vault_list(args):
+    vault = open_vault()
+    for name in vault.names():
+        print(f"{name}\t({vault.source(name)})")
+    return EXIT_OK
+
+
+def cmd_vault_delete(args):
+    bad = check_name(args.name)
+    if bad is not None:
+        return bad
+    if not open_vault().delete(args.name):
+        return fail(f"{args.name} is not set")
+    print(f"aibutler: deleted {args.name}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_vault_rotate(args):
+    bad = check_name(args.name)
+    if bad is not None:
+        return bad
+    vault = open_vault()
+    source = vault.source(args.name)
+    if source not in ("file", None):
+        return fail(f"{args.name} comes from the {source}; rotate it there")
+    old = vault.get(args.name)
+    new = secrets.token_hex(32)
+    entries = {args.name: new}
+    if old:
+        entries.update({args.name + "_previous": old, args.name + "_rotated_at": str(time.time())})
+    vault.update(entries)
+    print(new)
+    print(f"aibutler: {args.name} rotated; the previous value stays valid for "
+          "[channels.webhook] previous_secret_grace (default 24h). Update your senders.",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_deliveries_list(args):
+    store = open_store(data_dir_from_env())
+    rows = store.list_deliveries(args.failed, args.limit)
+    for row in rows:
+        created = datetime.datetime.fromtimestamp(row["created"]).isoformat(timespec="seconds")
+        print(f"{row['message_id']}\t{row['state']}\tattempts={row['attempts']}\t"
+              f"{created}\tuser={row['user_id']}\t{row['last_error'] or ''}")
+    if not rows:
+        print("aibutler: no deliveries" + (" have failed" if args.failed else ""),
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_deliveries_retry(args):
+    if bool(args.message_id) == bool(args.all_failed):
+        return fail("give a message id or --all-failed", EXIT_USAGE)
+    count = open_store(data_dir_from_env()).retry_deliveries(args.message_id)
+    if args.message_id and not count:
+        return fail(f"no pending or failed delivery {args.message_id}")
+    print(f"aibutler: {count} delivery(ies) queued again; a running daemon sends them "
+          "within a second", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_deliveries_purge(args):
+    count = open_store(data_dir_from_env()).purge_deliveries(args.older_than)
+    print(f"aibutler: purged {count} finished delivery(ies)", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except VaultError as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        return fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
