@@ -1,0 +1,308 @@
+"""Shared helpers: real loopback HTTP servers (callback receivers, fake model
+servers) and a real daemon started from aibutler.py copied alone into a
+temporary folder."""
+
+import json
+import os
+import pathlib
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import aibutler
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SECRET = "s3cret-for-tests-0123456789abcdef"
+
+
+def make_config(**sections):
+    """A Config from the defaults, with overrides: make_config(server={"port": "0"})."""
+    values = {}
+    for section, keys in aibutler.CONFIG_SCHEMA.items():
+        given = sections.get(section.split(".")[-1], {})
+        values[section] = {key: parse(given.get(key, default))
+                           for key, (default, parse) in keys.items()}
+    return aibutler.Config(values)
+
+
+class Recorder(ThreadingHTTPServer):
+    """A loopback HTTP server that records every request and answers from a
+    script: a list of (status, headers, body, delay) used in order, the last
+    one repeated."""
+
+    daemon_threads = True
+
+    def __init__(self, script=None):
+        super().__init__(("127.0.0.1", 0), RecordingHandler)
+        self.requests = []
+        self.script = list(script or [(200, {}, b"{}", 0)])
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def next_answer(self, request):
+        with self.lock:
+            index = min(len(self.requests), len(self.script) - 1)
+            self.requests.append(request)
+            self.arrived.notify_all()
+            answer = self.script[index]
+        return answer(request) if callable(answer) else answer
+
+    def wait_for(self, count, timeout=15):
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while len(self.requests) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"expected {count} requests, got {len(self.requests)}")
+                self.arrived.wait(left)
+            return list(self.requests)
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class RecordingHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        request = {"path": self.path, "headers": dict(self.headers.items()), "body": body,
+                   "at": time.time()}
+        try:
+            request["json"] = json.loads(body)
+        except ValueError:
+            request["json"] = None
+        status, headers, answer, delay = self.server.next_answer(request)
+        if delay:
+            time.sleep(delay)
+        if isinstance(answer, (dict, list)):
+            answer = json.dumps(answer).encode()
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def receiver():
+    servers = []
+
+    def start(script=None):
+        server = Recorder(script)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.close()
+
+
+def openai_text(text):
+    return {"id": "chatcmpl-1", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+
+
+def openai_tool_call(name, arguments, call_id="call_1"):
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return {"id": "chatcmpl-2", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None,
+            "tool_calls": [{"id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": args}}]}}]}
+
+
+def anthropic_text(text):
+    return {"id": "msg_1", "type": "message", "role": "assistant", "stop_reason": "end_turn",
+            "content": [{"type": "text", "text": text}]}
+
+
+def anthropic_tool_use(name, arguments, use_id="toolu_1"):
+    return {"id": "msg_2", "type": "message", "role": "assistant", "stop_reason": "tool_use",
+            "content": [{"type": "text", "text": "Let me check."},
+                        {"type": "tool_use", "id": use_id, "name": name, "input": arguments}]}
+
+
+def ok(body, delay=0, headers=None):
+    return (200, headers or {"Content-Type": "application/json"}, body, delay)
+
+
+class Daemon:
+    """aibutler.py copied alone into a temp folder and run as a subprocess."""
+
+    def __init__(self, folder, config_text="", env=None, secret=SECRET):
+        self.folder = pathlib.Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "aibutler.py", self.folder / "aibutler.py")
+        self.data = self.folder / "data"
+        self.config = self.folder / "config.ini"
+        self.config.write_text(config_text)
+        self.env = dict(os.environ, AIBUTLER_DATA=str(self.data), PYTHONUNBUFFERED="1")
+        for name in [n for n in self.env if n.startswith(("AIBUTLER_WEBHOOK", "NOTIFY_SOCKET",
+                                                           "WATCHDOG_"))]:
+            del self.env[name]
+        self.env.update(env or {})
+        self.secret = secret
+        if secret:
+            self.cli("vault", "set", "webhook_auth_secret", input=secret)
+        self.proc = None
+        self.log_lines = []
+
+    def cli(self, *args, input=None, check=True):
+        result = subprocess.run([sys.executable, "aibutler.py", *args], cwd=self.folder,
+                                env=self.env, input=input, capture_output=True, text=True,
+                                timeout=30)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def start(self, *extra, port=0):
+        self.log_lines = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "aibutler.py", "run", "--config", str(self.config),
+             "--port", str(port), *extra], cwd=self.folder, env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = queue.Queue()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.log_lines.append(line)
+                lines.put(line)
+            lines.put(None)
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=deadline - time.monotonic())
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError("daemon exited at start:\n" + self.log)
+            match = re.search(r"listening on http://[\d.]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
+                return self
+        raise AssertionError("daemon did not start:\n" + self.log)
+
+    @property
+    def log(self):
+        return "".join(self.log_lines)
+
+    def post(self, body, headers=None, path="/webhook/custom", secret=True, timeout=30):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json"}
+        if secret:
+            all_headers["X-Aibutler-Secret"] = self.secret
+        all_headers.update(headers or {})
+        return http_request(self.url + path, data, all_headers, "POST", timeout)
+
+    def get(self, path, headers=None):
+        return http_request(self.url + path, None, headers or {}, "GET")
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        time.sleep(0.05)
+        return code
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def wait_log(self, pattern, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log):
+                return True
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in log:\n{self.log}")
+
+
+def http_request(url, data, headers, method, timeout=30):
+    """(status, headers, parsed JSON or text) for any status."""
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, answer_headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, answer_headers, body = exc.code, exc.headers, exc.read()
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = body.decode("utf-8", "replace")
+    return status, answer_headers, parsed
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started = []
+
+    def make(config_text="", env=None, secret=SECRET, folder=None):
+        d = Daemon(folder or tmp_path / f"d{len(started)}", config_text, env, secret)
+        started.append(d)
+        return d
+    yield make
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
+@pytest.fixture
+def vault(tmp_path):
+    v = aibutler.Vault(str(tmp_path / "vault.json"), env={})
+    v.set("webhook_auth_secret", SECRET)
+    return v
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = aibutler.Store(str(tmp_path / "aibutler.db"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def app_for(vault, store):
+    """A falcon TestClient for a Butler built from config overrides."""
+    from falcon import testing
+    butlers = []
+
+    def make(**sections):
+        sections.setdefault("limits", {"rate": "0", "user_rate": "0"})
+        butler = aibutler.Butler(make_config(**sections), vault, store)
+        butlers.append(butler)
+        client = testing.TestClient(aibutler.create_app(butler))
+        client.butler = butler
+        return client
+    yield make
+    for butler in butlers:
+        butler.stop(time.monotonic() + 5)
+
+
+def auth(extra=None):
+    headers = {"X-Aibutler-Secret": SECRET, "Content-Type": "application/json"}
+    headers.update(extra or {})
+    return headers
