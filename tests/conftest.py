@@ -84,7 +84,7 @@ class RecordingHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
-        request = {"path": self.path, "headers": dict(self.headers.items()), "body": body,
+        request = {"path": self.path, "headers": self.headers, "body": body,
                    "at": time.time()}
         try:
             request["json"] = json.loads(body)
