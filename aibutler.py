@@ -1695,6 +1695,7 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._threads = []
         self._busy_since = {}
+        self._drain_until = None
 
     def start(self):
         self._stopping.clear()
@@ -1706,7 +1707,10 @@ class WorkerPool:
     def notify(self):
         self.signal.notify()
 
-    def stop(self, deadline):
+    def stop(self, deadline, drain=False):
+        """Finish the items in hand; with drain, keep taking items that are ready
+        until none is or the deadline passes. What is left stays in sqlite."""
+        self._drain_until = deadline if drain else None
         self._stopping.set()
         self.signal.notify(len(self._threads))
         for thread in self._threads:
@@ -1726,7 +1730,7 @@ class WorkerPool:
 
     def _loop(self):
         me = threading.current_thread().name
-        while not self._stopping.is_set():
+        while not self._should_exit():
             try:
                 self._busy_since[me] = time.monotonic()
                 did_work = self.work()
@@ -1736,7 +1740,14 @@ class WorkerPool:
             finally:
                 self._busy_since.pop(me, None)
             if not did_work:
+                if self._stopping.is_set():
+                    break
                 self.signal.wait(self.next_wait())
+
+    def _should_exit(self):
+        if not self._stopping.is_set():
+            return False
+        return self._drain_until is None or time.monotonic() >= self._drain_until
 
     def next_wait(self):
         return self.poll
@@ -2288,7 +2299,7 @@ class Butler:
         self.stopping = True
         if self._started:
             self.workers.stop(deadline)
-            self.dispatcher.stop(deadline)
+            self.dispatcher.stop(deadline, drain=True)  # send the replies just made
             self._started = False
 
     def wedged_after(self):
