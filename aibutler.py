@@ -458,6 +458,7 @@ class Vault:
         directory = os.path.dirname(self.path)
         ensure_data_dir(directory)
         lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        give_to_directory_owner(self.path + ".lock")
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             data = self._read_file()
@@ -476,6 +477,7 @@ class Vault:
                 handle.write("\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+            give_to_directory_owner(tmp)
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -486,6 +488,16 @@ class Vault:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def give_to_directory_owner(path):
+    """`sudo aibutler vault set` on a service's state directory must leave files
+    the service user can still read, so root hands them to the directory's owner."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(os.path.dirname(os.path.abspath(path)))
+    if owner.st_uid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def ensure_webhook_secret(vault):

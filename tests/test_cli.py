@@ -169,3 +169,16 @@ def test_pip_install_gives_the_aibutler_command(tmp_path):
     result = subprocess.run([str(venv / "bin" / "aibutler"), "--version"],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.stdout.strip() == f"aibutler {aibutler.__version__}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, like `sudo aibutler vault set`")
+def test_vault_set_as_root_leaves_the_file_readable_by_the_service_user(tmp_path):
+    data = tmp_path / "state"
+    data.mkdir(mode=0o700)
+    os.chown(data, 4242, 4242)  # the service's (dynamic) user owns its state directory
+    vault = aibutler.Vault(str(data / "vault.json"), env={})
+    vault.set("webhook_auth_secret", "abc")
+    for name in ("vault.json", "vault.json.lock"):
+        info = (data / name).stat()
+        assert (info.st_uid, info.st_gid) == (4242, 4242)
+        assert stat.S_IMODE(info.st_mode) == 0o600
