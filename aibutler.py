@@ -28,6 +28,7 @@ import fcntl
 import getpass
 import hashlib
 import hmac
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -1269,10 +1270,9 @@ class HTTPModel:
     name = default_base_url = default_model = default_key_name = None
     RETRIES_ON_5XX = 2
 
-    def __init__(self, agent_config, vault, metrics=None):
+    def __init__(self, agent_config, vault):
         self.config = agent_config
         self.vault = vault
-        self.metrics = metrics or Metrics()
         self.base_url = (agent_config.base_url or self.default_base_url).rstrip("/")
         self.model = agent_config.model or self.default_model
         self.key_name = agent_config.api_key_name or self.default_key_name
@@ -1281,12 +1281,8 @@ class HTTPModel:
         return self.vault.get(self.key_name)
 
     def post(self, url, payload, headers):
-        started = time.monotonic()
-        try:
-            return self._post_with_retries(url, payload, headers, started + self.config.timeout)
-        finally:
-            self.metrics.observe("aibutler_model_seconds", (("provider", self.name),),
-                                 time.monotonic() - started)
+        deadline = time.monotonic() + self.config.timeout
+        return self._post_with_retries(url, payload, headers, deadline)
 
     def _post_with_retries(self, url, payload, headers, deadline):
         data = json.dumps(payload).encode()
@@ -1462,11 +1458,11 @@ class AnthropicModel(HTTPModel):
         return out
 
 
-def build_model(agent_config, vault, metrics=None):
+def build_model(agent_config, vault):
     if agent_config.provider == "openai":
-        return OpenAIModel(agent_config, vault, metrics)
+        return OpenAIModel(agent_config, vault)
     if agent_config.provider == "anthropic":
-        return AnthropicModel(agent_config, vault, metrics)
+        return AnthropicModel(agent_config, vault)
     return BuiltinModel()
 
 
@@ -1526,7 +1522,12 @@ class Agent:
         outcome = "error"
         try:
             for _ in range(agent.max_steps):
-                answer = self.model.complete(system, messages, tools)
+                started = time.monotonic()
+                try:
+                    answer = self.model.complete(system, messages, tools)
+                finally:
+                    self.metrics.observe("aibutler_model_seconds", (("provider", agent.provider),),
+                                         time.monotonic() - started)
                 if not answer.tool_calls:
                     reply = answer.text.strip() or "(the model returned an empty reply)"
                     break
@@ -1978,6 +1979,7 @@ class Authenticator:
         client = self.client_address(req)
         wait = self._blocked_for(client)
         if wait:
+            req.context.quiet = True  # a blocked client must not flood the journal
             self.metrics.inc("aibutler_rate_limited_total", (("scope", "auth_failures"),))
             raise ApiError(429, "too many failed authentications from this address",
                            retry_after=math.ceil(wait))
@@ -2204,7 +2206,8 @@ class RequestLog:
         seconds = time.monotonic() - getattr(req.context, "started", time.monotonic())
         status = falcon.http_status_to_code(resp.status)
         path = req.path if resource is not None else "(unmatched)"
-        log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
+        if not getattr(req.context, "quiet", False):
+            log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
         metrics = self.butler.metrics
         metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
         metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
@@ -2273,7 +2276,7 @@ class Butler:
         self.dispatcher = CallbackDispatcher(config, store, vault, self.metrics)
         self.tools = build_tools(store, self.dispatcher.queue_notification
                                  if config.async_mode else None, self.metrics)
-        self.agent = Agent(build_model(config.agent, vault, self.metrics), self.tools, store,
+        self.agent = Agent(build_model(config.agent, vault), self.tools, store,
                            config, self.metrics)
         self.workers = TurnWorkers(store, self.agent, self.dispatcher, config.delivery.workers)
         self.inbox = Inbox(config, store, self.agent, self.workers)
@@ -2316,7 +2319,7 @@ class Butler:
 
     def wedged_after(self):
         agent = self.config.agent
-        return agent.timeout * agent.max_steps + self.config.webhook.callback_timeout + 60
+        return agent.timeout * agent.max_steps + self.config.webhook.callback_timeout + 5
 
     def readiness(self):
         limit = self.wedged_after()
@@ -2329,7 +2332,7 @@ class Butler:
         async_before = self.config.async_mode
         for part in (self, self.dispatcher, self.inbox, self.auth, self.agent):
             part.config = config
-        self.agent.model = build_model(config.agent, self.vault, self.metrics)
+        self.agent.model = build_model(config.agent, self.vault)
         self._set_limits(config)
         if config.async_mode != async_before:
             log.warning("config: switching between sync and async mode needs a restart")
@@ -2346,7 +2349,7 @@ def sd_notify(message, env=None):
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(message.encode())
+            sock.send(message.encode(), socket.MSG_DONTWAIT)  # never block the daemon on it
         return True
     except OSError as exc:
         log.warning("systemd notify failed: %s", exc)
@@ -2368,6 +2371,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.loop_beat = time.monotonic()
+        self.address = None
+        self._unhealthy = False
         self.inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -2406,10 +2411,9 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal(server))
         signal.signal(signal.SIGHUP, self._on_reload_signal(server))
-        sd_notify(f"READY=1\nSTATUS=listening on {server.effective_host}:"
-                  f"{server.effective_port}", self.env)
-        watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
-        watchdog.start()
+        self.address = f"{server.effective_host}:{server.effective_port}"
+        sd_notify("READY=1\nSTATUS=" + self.status_text(), self.env)
+        threading.Thread(target=self._maintenance, name="maintenance", daemon=True).start()
         self._serve(server)
         self._shutdown(server)
         return EXIT_OK
@@ -2482,26 +2486,49 @@ class Daemon:
         self.store.close()
         log.info("stopped")
 
-    def _watchdog(self):
-        """Feed systemd's watchdog only while every part is alive; prune storage hourly."""
-        usec = self.env.get("WATCHDOG_USEC")
-        pid = self.env.get("WATCHDOG_PID")
-        interval = int(usec) / 2e6 if usec and (not pid or pid == str(os.getpid())) else None
+    def _maintenance(self):
+        """Every few seconds: tell systemd how things are (feeding its watchdog only
+        while every part is alive); every hour: prune storage."""
+        interval = min(self.watchdog_interval or 10.0, 10.0)
         next_prune = 0.0
-        while not self.stop_requested.wait(interval or 60.0):
-            if interval:
-                problems = self.problems()
-                if problems:
-                    log.error("watchdog: not feeding systemd: %s", "; ".join(problems))
-                    sd_notify("STATUS=unhealthy: " + "; ".join(problems), self.env)
-                else:
-                    sd_notify("WATCHDOG=1", self.env)
+        while not self.stop_requested.wait(interval):
+            self.tick()
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + 3600
                 try:
                     self.store.prune(self.config.delivery.idempotency_ttl)
                 except sqlite3.Error as exc:
                     log.error("storage: pruning failed: %s", exc)
+
+    @property
+    def watchdog_interval(self):
+        usec, pid = self.env.get("WATCHDOG_USEC"), self.env.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2e6
+
+    def tick(self):
+        """One health check: WATCHDOG=1 and a status line, or, when something is
+        wedged or dead, no WATCHDOG=1 so systemd restarts the service."""
+        problems = self.problems()
+        if problems:
+            if not self._unhealthy:
+                log.error("watchdog: not feeding systemd: %s", "; ".join(problems))
+            self._unhealthy = True
+            sd_notify("STATUS=unhealthy: " + "; ".join(problems), self.env)
+            return False
+        if self._unhealthy:
+            log.info("watchdog: healthy again")
+        self._unhealthy = False
+        status = "STATUS=" + self.status_text()
+        sd_notify(("WATCHDOG=1\n" + status) if self.watchdog_interval else status, self.env)
+        return True
+
+    def status_text(self):
+        counts = self.store.delivery_counts()
+        return (f"serving on {self.address}; {self.store.pending_jobs()} message(s) queued, "
+                f"{counts.get('pending', 0) + counts.get('sending', 0)} callback(s) pending, "
+                f"{counts.get('failed', 0)} failed")
 
     def problems(self):
         found = [name + " not healthy" for name, ok in self.butler.readiness().items()
@@ -2600,12 +2627,9 @@ def setup_logging(level):
 
 
 def cmd_run(args):
-    if falcon is None:
-        return fail("falcon is not installed; " + INSTALL_HINT)
-    try:
-        import waitress  # noqa: F401  (checked here so the error is one clear line)
-    except ImportError:
-        return fail("waitress is not installed; " + INSTALL_HINT)
+    for name, module in (("falcon", falcon), ("waitress", importlib.util.find_spec("waitress"))):
+        if module is None:
+            return fail(f"{name} is not installed; " + INSTALL_HINT)
     env = dict(os.environ)
     if args.host:
         env["AIBUTLER_HOST"] = args.host
