@@ -112,18 +112,24 @@ def test_signing_can_be_turned_off(daemon, receiver):
     assert d.stop() == 0
 
 
-def test_sigkill_right_after_202_loses_nothing(daemon, receiver):
+@pytest.mark.parametrize("moment", ["right after 202", "during the turn"])
+def test_sigkill_after_202_loses_nothing(daemon, receiver, moment):
     model = receiver([ok(openai_text("slow answer"), delay=1.5)])
     callbacks = receiver()
     d = daemon(async_config(callbacks.url) + model_config(model.url)).start()
     status, _, accepted = d.post({"user_id": "u", "message": "hi"})
     assert status == 202
+    if moment == "during the turn":
+        model.wait_for(1)
     d.kill()
     assert callbacks.requests == []
     d.start()
-    d.wait_log(r"recovered from the last run: \d turn")
+    if moment == "during the turn":
+        d.wait_log(r"recovered from the last run: 1 turn")
     body = callbacks.wait_for(1)[0]["json"]
     assert body["message_id"] == accepted["message_id"] and body["reply"] == "slow answer"
+    time.sleep(0.3)
+    assert len(callbacks.requests) == 1
     assert d.stop() == 0
 
 
