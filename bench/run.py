@@ -1,0 +1,464 @@
+"""Side-by-side benchmark of aibutler against the floor of its own stack.
+
+    python bench/run.py            # everything, also pinned to one core
+    python bench/run.py --quick    # shorter runs, no soak, no pinned pass
+
+Starts on loopback: the floor (bench/floor.py), aibutler in sync mode (builtin
+agent, rate limits off), aibutler in async mode (202 path, replies drained to a
+loopback receiver), a dispatch run (N queued replies delivered to a receiver)
+and an in-process turn against a fake model that answers at once. Prints one
+markdown table and writes it to bench/RESULTS.md with the machine it ran on.
+Uses wrk when installed (apt install wrk), else a standard-library keep-alive
+load generator. No timed assertions anywhere: these are figures to read.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+import aibutler  # noqa: E402
+
+SECRET = "bench-secret-0123456789"
+THREADS = 4
+USERS = 1000
+PATH = "/webhook/custom"
+
+
+# --- helpers --------------------------------------------------------------
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Server:
+    """A subprocess that prints 'listening on http://127.0.0.1:PORT'."""
+
+    def __init__(self, argv, env=None, cpu=None, cwd=None):
+        if cpu is not None and shutil.which("taskset"):
+            argv = ["taskset", "-c", str(cpu)] + argv
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        for line in self.proc.stdout:
+            match = re.search(r"listening on http://[\d.]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        else:
+            raise RuntimeError("server did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        self.ready_s = first_answer(self.port) - self.started
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def first_answer(port):
+    """The moment the first POST gets an answer (any status), polling fast."""
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", PATH, body=json.dumps({"user_id": "warm", "message": "hello"}),
+                         headers={"Content-Type": "application/json",
+                                  "X-Aibutler-Secret": SECRET})
+            conn.getresponse().read()
+            conn.close()
+            return time.perf_counter()
+        except OSError:
+            time.sleep(0.002)
+
+
+class Sink(ThreadingHTTPServer):
+    """A loopback callback receiver that counts what arrives."""
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), SinkHandler)
+        self.count = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/callback"
+
+
+class SinkHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.server.lock:
+            self.server.count += 1
+        self.send_response(204)
+        self.end_headers()
+
+
+class FakeModel(ThreadingHTTPServer):
+    daemon_threads = True
+    ANSWER = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                  "content": "It's sunny."}}]}).encode()
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeModelHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FakeModelHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(FakeModel.ANSWER)))
+        self.end_headers()
+        self.wfile.write(FakeModel.ANSWER)
+
+
+# --- load generation ---------------------------------------------------------
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Aibutler-Secret"] = "%(secret)s"
+local counter = 0
+request = function()
+  counter = counter + 1
+  local body = string.format('{"user_id":"user-%%d","message":"what is 2+2?",' ..
+    '"metadata":{"platform":"bench"}}', counter %% %(users)d)
+  return wrk.format(nil, "%(path)s", nil, body)
+end
+"""
+
+
+def to_ms(text):
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+
+def load_wrk(port, seconds, connections, cpu):
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write(WRK_SCRIPT % {"secret": SECRET, "users": USERS, "path": PATH})
+    script.close()
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
+            f"http://127.0.0.1:{port}{PATH}"]
+    if cpu is not None and shutil.which("taskset"):
+        argv = ["taskset", "-c", str(cpu)] + argv
+    out = subprocess.run(argv, capture_output=True, text=True).stdout
+    os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1))
+    p99 = to_ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p50": p50, "p99": p99, "errors": int(bad.group(1)) if bad else 0,
+            "requests": total}
+
+
+def load_python(port, seconds, connections, cpu=None):
+    """A standard-library keep-alive load generator (when wrk is missing)."""
+    latencies, errors = [], [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(index):
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        n = index
+        mine = []
+        while time.perf_counter() < stop_at:
+            n += connections
+            body = json.dumps({"user_id": f"user-{n % USERS}", "message": "what is 2+2?",
+                               "metadata": {"platform": "bench"}})
+            started = time.perf_counter()
+            conn.request("POST", PATH, body=body, headers={
+                "Content-Type": "application/json", "X-Aibutler-Secret": SECRET})
+            response = conn.getresponse()
+            response.read()
+            mine.append(time.perf_counter() - started)
+            if response.status >= 300:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    return {"rps": len(latencies) / seconds,
+            "p50": latencies[len(latencies) // 2] * 1000,
+            "p99": latencies[int(len(latencies) * 0.99)] * 1000,
+            "errors": errors[0], "requests": len(latencies)}
+
+
+def load(port, seconds, connections, cpu):
+    if shutil.which("wrk"):
+        return load_wrk(port, seconds, connections, cpu)
+    return load_python(port, seconds, connections)
+
+
+def measure(server, seconds, connections, load_cpu):
+    idle = rss_mb(server.proc.pid)
+    peak = [idle]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], rss_mb(server.proc.pid))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    result = load(server.port, seconds, connections, load_cpu)
+    done.set()
+    sampler.join()
+    result.update(idle_mb=idle, load_mb=peak[0], ready_s=server.ready_s)
+    return result
+
+
+# --- scenarios ----------------------------------------------------------------
+
+def daemon_env(data, extra_config):
+    config = os.path.join(data, "config.ini")
+    with open(config, "w") as handle:
+        handle.write("[limits]\nrate = 0\nuser_rate = 0\n[server]\n"
+                     f"threads = {THREADS}\nconnection_limit = 200\n" + extra_config)
+    env = dict(os.environ, AIBUTLER_DATA=data, AIBUTLER_WEBHOOK_AUTH_SECRET=SECRET)
+    env.pop("AIBUTLER_WEBHOOK_OUTBOUND_URL", None)
+    return env, config
+
+
+def start_aibutler(data, extra_config="", cpu=None):
+    env, config = daemon_env(data, extra_config)
+    return Server([sys.executable, os.path.join(ROOT, "aibutler.py"), "run", "--config", config,
+                   "--port", "0"], env=env, cpu=cpu)
+
+
+def scenario_floor(args, cpu, load_cpu):
+    server = Server([sys.executable, os.path.join(HERE, "floor.py"), "0", str(THREADS)], cpu=cpu)
+    try:
+        return measure(server, args.seconds, args.connections, load_cpu)
+    finally:
+        server.stop()
+
+
+def scenario_sync(args, cpu, load_cpu):
+    with tempfile.TemporaryDirectory() as data:
+        server = start_aibutler(data, cpu=cpu)
+        try:
+            return measure(server, args.seconds, args.connections, load_cpu)
+        finally:
+            server.stop()
+
+
+def scenario_async(args, cpu, load_cpu):
+    sink = Sink()
+    with tempfile.TemporaryDirectory() as data:
+        server = start_aibutler(data, f"[channels.webhook]\noutbound_url = {sink.url}\n"
+                                      "[delivery]\nmax_pending = 1000000\n", cpu=cpu)
+        try:
+            result = measure(server, args.seconds, args.connections, load_cpu)
+            started, expected = time.perf_counter(), result["requests"] - result["errors"]
+            while sink.count < expected and time.perf_counter() - started < 120:
+                time.sleep(0.1)
+            result["drained"] = f"{sink.count}/{expected}"
+            return result
+        finally:
+            server.stop()
+            sink.shutdown()
+
+
+def scenario_dispatch(args, cpu, load_cpu):
+    sink = Sink()
+    count = args.callbacks
+    with tempfile.TemporaryDirectory() as data:
+        store = aibutler.Store(os.path.join(data, "aibutler.db"))
+        with store.transaction() as db:
+            for i in range(count):
+                store.add_delivery(db, f"msg-{i}", f"user-{i % USERS}",
+                                   {"session_id": "sess-x", "reply": "It's sunny.",
+                                    "in_reply_to": f"user-{i % USERS}", "message_id": f"msg-{i}",
+                                    "tool_calls": []})
+        store.close()
+        server = start_aibutler(data, f"[channels.webhook]\noutbound_url = {sink.url}\n", cpu=cpu)
+        started = time.perf_counter()
+        while sink.count < count and time.perf_counter() - started < 300:
+            time.sleep(0.01)
+        seconds = time.perf_counter() - started
+        server.stop()
+    sink.shutdown()
+    return {"callbacks_per_s": sink.count / seconds, "callbacks": sink.count}
+
+
+def scenario_turn(args):
+    """One agent turn against a fake model that answers at once, in-process,
+    minus the bare HTTP round trip to that model."""
+    model = FakeModel()
+    with tempfile.TemporaryDirectory() as data:
+        vault = aibutler.Vault(os.path.join(data, "vault.json"), env={})
+        store = aibutler.Store(os.path.join(data, "aibutler.db"))
+        config = aibutler.load_config(None, env={"AIBUTLER_DATA": data}, data_dir=data)
+        config.agent.provider, config.agent.base_url = "openai", model.url
+        butler = aibutler.Butler(config, vault, store)
+        request = {"user_id": "u", "message": "What's the weather?",
+                   "metadata": {"location": "Madrid"}}
+        turns, raw = [], []
+        payload = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        for i in range(args.turns):
+            session = store.resolve_session(f"u{i % 50}", None, 3600)
+            started = time.perf_counter()
+            butler.agent.run_turn(dict(request, user_id=f"u{i % 50}"), session)
+            turns.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            aibutler.http_post(model.url + "/chat/completions", payload.encode(),
+                               {"Content-Type": "application/json"}, 5)
+            raw.append(time.perf_counter() - started)
+        store.close()
+    model.shutdown()
+    turn_ms, raw_ms = statistics.median(turns) * 1000, statistics.median(raw) * 1000
+    return {"turn_ms": turn_ms, "model_ms": raw_ms, "overhead_ms": turn_ms - raw_ms}
+
+
+def scenario_soak(args):
+    """RSS of a sync daemon over many requests from distinct users."""
+    with tempfile.TemporaryDirectory() as data:
+        server = start_aibutler(data)
+        marks = []
+        per_step = args.soak // 4
+        try:
+            marks.append((0, rss_mb(server.proc.pid)))
+            for step in range(1, 5):
+                load_soak(server.port, per_step, step)
+                marks.append((step * per_step, rss_mb(server.proc.pid)))
+        finally:
+            server.stop()
+    return marks
+
+
+def load_soak(port, count, step):
+    """`count` requests, each from a new user_id, over 8 keep-alive connections."""
+    def client(index):
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        for n in range(index, count, 8):
+            body = json.dumps({"user_id": f"soak-{step}-{n}", "message": "hello"})
+            conn.request("POST", PATH, body=body, headers={
+                "Content-Type": "application/json", "X-Aibutler-Secret": SECRET})
+            conn.getresponse().read()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# --- report ---------------------------------------------------------------------
+
+def machine():
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import falcon
+    from importlib.metadata import version
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}); "
+            f"Python {platform.python_version()}, falcon {falcon.__version__}, "
+            f"waitress {version('waitress')}; load: "
+            f"{'wrk' if shutil.which('wrk') else 'stdlib generator'}")
+
+
+def table(title, rows, floor):
+    lines = [f"### {title}", "",
+             "| scenario | req/s | × floor | p50 ms | p99 ms | p99 × floor | RSS idle MB | "
+             "RSS load MB | ready s | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows:
+        extra = f" (drained {r['drained']})" if "drained" in r else ""
+        lines.append(f"| {name}{extra} | {r['rps']:.0f} | {r['rps'] / floor['rps']:.2f} | "
+                     f"{r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / floor['p99']:.2f} | "
+                     f"{r['idle_mb']:.1f} | {r['load_mb']:.1f} | {r['ready_s']:.3f} | "
+                     f"{r['errors']} |")
+    return lines
+
+
+def run_pass(args, cpu, load_cpu):
+    rows = [("floor (bare falcon + waitress)", scenario_floor(args, cpu, load_cpu)),
+            ("sync (builtin agent)", scenario_sync(args, cpu, load_cpu)),
+            ("async accept (202)", scenario_async(args, cpu, load_cpu))]
+    dispatch = scenario_dispatch(args, cpu, load_cpu)
+    return rows, dispatch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--callbacks", type=int, default=3000)
+    parser.add_argument("--turns", type=int, default=500)
+    parser.add_argument("--soak", type=int, default=100000)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.callbacks, args.turns, args.soak = 3, 1000, 200, 0
+    out = ["# aibutler benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+           f"on {machine()}.", "",
+           f"{THREADS} waitress threads, {args.connections} keep-alive connections, "
+           f"{args.seconds}s per load, {USERS} distinct user_ids, message "
+           "\"what is 2+2?\" (one tool call in aibutler), rate limits off.", ""]
+    passes = [("all cores", None, None)]
+    if not args.quick and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        passes.append(("server pinned to one core (taskset -c 0), load on core 1", 0, 1))
+    for title, cpu, load_cpu in passes:
+        rows, dispatch = run_pass(args, cpu, load_cpu)
+        out += table(title, rows, rows[0][1])
+        out += ["", f"Dispatch: {dispatch['callbacks']} queued callbacks delivered to a loopback "
+                    f"receiver at **{dispatch['callbacks_per_s']:.0f} callbacks/s**.", ""]
+        print("\n".join(out[-len(rows) - 6:]), flush=True)
+    turn = scenario_turn(args)
+    out += [f"Turn overhead (in-process, fake OpenAI model answering at once, median of "
+            f"{args.turns}): turn {turn['turn_ms']:.3f} ms, bare model round trip "
+            f"{turn['model_ms']:.3f} ms, **overhead {turn['overhead_ms']:.3f} ms**.", ""]
+    if args.soak:
+        marks = scenario_soak(args)
+        out += [f"Memory over {args.soak} sync requests, each from a new user_id: "
+                + ", ".join(f"{n}: {mb:.1f} MB" for n, mb in marks) + ".", ""]
+    report = "\n".join(out)
+    print(report)
+    if not args.quick:
+        with open(os.path.join(HERE, "RESULTS.md"), "w") as handle:
+            handle.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
