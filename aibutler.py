@@ -48,7 +48,6 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from http import HTTPStatus
 
 try:
@@ -378,10 +377,13 @@ class Vault:
 
     NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
+    STAT_EVERY = 1.0  # seconds between checks of the file for changes
+
     def __init__(self, path, env=None):
         self.path = path
         self.env = os.environ if env is None else env
         self._cache = (None, {})
+        self._checked = -math.inf
 
     @classmethod
     def valid_name(cls, name):
@@ -433,13 +435,17 @@ class Vault:
             return data.pop(name, None) is not None
 
     def _read_cached(self):
+        now = time.monotonic()
+        if now - self._checked < self.STAT_EVERY:
+            return self._cache[1]
         try:
             stat = os.stat(self.path)
+            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         except FileNotFoundError:
-            return {}
-        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            key = None
         if self._cache[0] != key:
-            self._cache = (key, self._read_file())
+            self._cache = (key, self._read_file() if key else {})
+        self._checked = now
         return self._cache[1]
 
     def _read_file(self):
@@ -465,6 +471,7 @@ class Vault:
             data = self._read_file()
             yield data
             self._write_atomically(data)
+            self._checked = -math.inf
         finally:
             os.close(lock_fd)  # closing releases the lock
 
@@ -537,6 +544,8 @@ CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY, session_id TEXT NOT NULL, role TEXT NOT NULL,
     content TEXT NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, id);
+CREATE TRIGGER IF NOT EXISTS messages_touch_session AFTER INSERT ON messages BEGIN
+    UPDATE sessions SET last_active = NEW.created WHERE id = NEW.session_id; END;
 CREATE TABLE IF NOT EXISTS memories (
     id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, fact TEXT NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS memories_by_user ON memories (user_id, id);
@@ -561,7 +570,8 @@ CREATE TABLE IF NOT EXISTS seen_signatures (
 
 
 def new_id(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+    """Unique, not secret: 80 random bits, drawn without a syscall per id."""
+    return f"{prefix}-{random.getrandbits(80):020x}"
 
 
 class Store:
@@ -575,66 +585,74 @@ class Store:
         self.path = path
         self.clock = clock
         self._local = threading.local()
+        # One writer at a time inside this process: threads queue on a lock
+        # instead of sleeping in sqlite's busy handler (which costs milliseconds).
+        self._write_lock = threading.Lock()
         self.conn().executescript(SCHEMA)
+        self._pending = self._count_pending()
 
-    def conn(self):
-        db = getattr(self._local, "db", None)
+    def conn(self, durable=False):
+        """This thread's connection. The durable one syncs the WAL to disk on
+        every commit (synchronous=FULL), for promises made to a sender; the
+        other survives a killed process but not a power cut."""
+        name = "durable" if durable else "db"
+        db = getattr(self._local, name, None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                  check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
             db.execute("PRAGMA busy_timeout=10000")
-            self._local.db = db
+            setattr(self._local, name, db)
         return db
 
     @contextlib.contextmanager
     def transaction(self, durable=False):
-        """One write transaction. durable=True syncs the WAL to disk before
-        returning, for promises made to a sender (202 means we have it)."""
-        db = self.conn()
-        if durable:
-            db.execute("PRAGMA synchronous=FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
+        """One write transaction; durable=True: on disk before it returns."""
+        db = self.conn(durable)
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                self._pending = self._count_pending()  # add_job may have counted
+                raise
             db.execute("COMMIT")
-        finally:
-            if durable:
-                db.execute("PRAGMA synchronous=NORMAL")
 
     def close(self):
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        for name in ("db", "durable"):
+            db = getattr(self._local, name, None)
+            if db is not None:
+                db.close()
+                setattr(self._local, name, None)
 
     # --- sessions and history ------------------------------------------------
 
     def resolve_session(self, user_id, session_id, idle_timeout, db=None):
         """The session to use: the one asked for (it must be this user's), else
         the user's current one if active within idle_timeout, else a new one.
-        Returns None when session_id names no session of this user."""
-        if db is None:
-            with self.transaction() as db:
-                return self.resolve_session(user_id, session_id, idle_timeout, db)
+        Returns None when session_id names no session of this user. Only a new
+        session writes; record_exchange keeps last_active current."""
         now = self.clock()
         if session_id:
-            row = db.execute("SELECT id FROM sessions WHERE id=? AND user_id=?",
-                             (session_id, user_id)).fetchone()
-            if row is None:
-                return None
-        else:
-            row = db.execute("SELECT id FROM sessions WHERE user_id=? AND last_active>=? "
-                             "ORDER BY last_active DESC LIMIT 1",
-                             (user_id, now - idle_timeout)).fetchone()
+            row = (db or self.conn()).execute(
+                "SELECT id FROM sessions WHERE id=? AND user_id=?", (session_id, user_id)).fetchone()
+            return row["id"] if row else None
+        find = ("SELECT id FROM sessions WHERE user_id=? AND last_active>=? "
+                "ORDER BY last_active DESC LIMIT 1", (user_id, now - idle_timeout))
+        row = (db or self.conn()).execute(*find).fetchone()
         if row is not None:
-            db.execute("UPDATE sessions SET last_active=? WHERE id=?", (now, row["id"]))
+            return row["id"]
+        if db is None:
+            with self.transaction() as db:
+                return self._new_session(db, user_id, find, now)
+        return self._new_session(db, user_id, find, now)
+
+    def _new_session(self, db, user_id, find, now):
+        row = db.execute(*find).fetchone()  # another thread may have just made it
+        if row is not None:
             return row["id"]
         sid = new_id("sess")
         db.execute("INSERT INTO sessions (id, user_id, created, last_active) VALUES (?,?,?,?)",
@@ -647,17 +665,32 @@ class Store:
             (session_id, limit)).fetchall()
         return [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
 
+    TRIM_EVERY = 8  # exchanges, on average, between trims of a session's history
+
     def record_exchange(self, session_id, user_text, reply, max_history):
+        """One statement (a trigger touches the session): on the hot path of every
+        turn, each extra sqlite call is another wait for the GIL under load.
+        Old messages are trimmed now and then; history() reads max_history only."""
         now = self.clock()
-        with self.transaction() as db:
-            db.execute("INSERT INTO messages (session_id, role, content, created) "
-                       "VALUES (?,?,?,?)", (session_id, "user", user_text, now))
-            db.execute("INSERT INTO messages (session_id, role, content, created) "
-                       "VALUES (?,?,?,?)", (session_id, "assistant", reply, now))
-            db.execute("UPDATE sessions SET last_active=? WHERE id=?", (now, session_id))
-            db.execute("DELETE FROM messages WHERE session_id=? AND id NOT IN "
-                       "(SELECT id FROM messages WHERE session_id=? ORDER BY id DESC LIMIT ?)",
+        db = self.conn()
+        with self._write_lock:
+            cursor = db.execute("INSERT INTO messages (session_id, role, content, created) "
+                                "VALUES (?,'user',?,?), (?,'assistant',?,?)",
+                                (session_id, user_text, now, session_id, reply, now))
+            if cursor.lastrowid % (2 * self.TRIM_EVERY) < 2:
+                self.trim_history(db, max_history, session_id)
+
+    @staticmethod
+    def trim_history(db, max_history, session_id=None):
+        """Keep the newest max_history messages of one session (or of all)."""
+        if session_id:
+            db.execute("DELETE FROM messages WHERE session_id=? AND id <= (SELECT id FROM "
+                       "messages WHERE session_id=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                        (session_id, session_id, max_history))
+        else:
+            db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM (SELECT id, "
+                       "ROW_NUMBER() OVER (PARTITION BY session_id ORDER BY id DESC) AS n "
+                       "FROM messages) WHERE n > ?)", (max_history,))
 
     # --- per-user memory -------------------------------------------------------
 
@@ -712,9 +745,15 @@ class Store:
         db.execute("INSERT INTO jobs (message_id, user_id, session_id, request, state, created) "
                    "VALUES (?,?,?,?,'queued',?)",
                    (message_id, user_id, session_id, json.dumps(request), self.clock()))
+        self._pending += 1
 
-    def pending_jobs(self, db=None):
-        return (db or self.conn()).execute(
+    def pending_jobs(self):
+        """Jobs queued or running, counted in memory (only the daemon adds and
+        finishes jobs; a rolled-back transaction recounts)."""
+        return self._pending
+
+    def _count_pending(self):
+        return self.conn().execute(
             "SELECT COUNT(*) FROM jobs WHERE state IN ('queued','running')").fetchone()[0]
 
     def claim_job(self):
@@ -734,6 +773,7 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE jobs SET state='done', finished=? WHERE seq=?", (now, job["seq"]))
             self.add_delivery(db, job["message_id"], job["user_id"], body)
+            self._pending -= 1
 
     def add_delivery(self, db, message_id, user_id, body):
         db.execute("INSERT INTO deliveries (message_id, user_id, body, state, next_attempt, created) "
@@ -820,10 +860,11 @@ class Store:
                                 (webhook_id, timestamp, now))
             return cursor.rowcount == 0
 
-    def prune(self, idempotency_ttl, keep_done=7 * 86400):
+    def prune(self, idempotency_ttl, max_history, keep_done=7 * 86400):
         """Keep the file from growing without bound on a device left alone for months."""
         now = self.clock()
         with self.transaction() as db:
+            self.trim_history(db, max_history)
             db.execute("DELETE FROM idempotency WHERE state='done' AND created < ?",
                        (now - idempotency_ttl,))
             db.execute("DELETE FROM jobs WHERE state='done' AND finished < ?", (now - keep_done,))
@@ -1642,7 +1683,7 @@ class Inbox:
                     raise key_reused()
                 if state != "new":
                     return row["status"], json.loads(row["response"]), True
-            if self.store.pending_jobs(db) >= delivery.max_pending:
+            if self.store.pending_jobs() >= delivery.max_pending:
                 raise ApiError(503, f"the queue is full ({delivery.max_pending} messages "
                                     "waiting); try again later", retry_after=30)
             session_id = self.store.resolve_session(user_id, request.get("session_id"),
@@ -2496,7 +2537,8 @@ class Daemon:
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + 3600
                 try:
-                    self.store.prune(self.config.delivery.idempotency_ttl)
+                    self.store.prune(self.config.delivery.idempotency_ttl,
+                                     self.config.sessions.max_history)
                 except sqlite3.Error as exc:
                     log.error("storage: pruning failed: %s", exc)
 

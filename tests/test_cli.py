@@ -112,7 +112,8 @@ def test_first_run_generates_a_secret_without_logging_it(daemon):
 def test_sync_round_trip_logs_and_clean_stop(daemon):
     d = daemon()
     d.start()
-    assert "provider builtin" in d.log and "channels: webhook at /webhook/custom" in d.log
+    d.wait_log("provider builtin")
+    d.wait_log("channels: webhook at /webhook/custom")
     status, _, body = d.post({"user_id": "u", "message": "remember that the code is 1234"})
     assert status == 200 and body["tool_calls"][0]["name"] == "remember"
     status, _, body = d.post({"user_id": "u", "message": "what do you remember about code?"})

@@ -145,10 +145,14 @@ def test_idle_session_starts_a_new_one(app_for, store):
 
 def test_history_is_capped(app_for, store):
     client = app_for(sessions={"max_history": "4"})
-    for i in range(5):
+    for i in range(40):
         sid = post(client, body={"user_id": "a", "message": f"hello {i}"}).json["session_id"]
-    history = store.history(sid, 100)
-    assert [m["content"] for m in history if m["role"] == "user"] == ["hello 3", "hello 4"]
+    history = client.butler.agent.store.history(sid, 4)  # what the next turn is shown
+    assert [m["content"] for m in history if m["role"] == "user"] == ["hello 38", "hello 39"]
+    stored = store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    assert stored <= 4 + 2 * aibutler.Store.TRIM_EVERY  # trimmed as it goes, not kept forever
+    store.prune(86400, 4)
+    assert store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 4
 
 
 def test_channel_and_user_rate_limits_answer_429_with_retry_after(app_for):

@@ -19,6 +19,14 @@ import aibutler
 from conftest import SECRET, auth, make_config, ok, openai_text, openai_tool_call
 
 
+def eventually(check, timeout=3.0):
+    """The vault file is re-checked at most once a second."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.1)
+
+
 class NotifySocket:
     """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
 
@@ -109,7 +117,7 @@ def test_rotation_keeps_the_old_secret_for_the_grace_then_drops_it(daemon, recei
     assert len(new) == 64 and new != SECRET
     assert d.post({"user_id": "u", "message": "hi"})[0] == 202           # old, in grace
     d.secret = new
-    assert d.post({"user_id": "u", "message": "hi"})[0] == 202           # new
+    eventually(lambda: d.post({"user_id": "u", "message": "hi"})[0] == 202)  # new
     first, second = callbacks.wait_for(2)
     assert second["headers"]["Authorization"] == f"Bearer {new}"
     time.sleep(3.2)
@@ -122,7 +130,7 @@ def test_rotation_keeps_the_old_secret_for_the_grace_then_drops_it(daemon, recei
 def test_vault_changes_reach_the_running_daemon(daemon):
     d = daemon().start()
     d.cli("vault", "set", "webhook_auth_secret", input="brand-new-secret-value")
-    assert d.post({"user_id": "u", "message": "hi"})[0] == 401
+    eventually(lambda: d.post({"user_id": "u", "message": "hi"})[0] == 401)
     d.secret = "brand-new-secret-value"
     assert d.post({"user_id": "u", "message": "hi"})[0] == 200
     assert d.stop() == 0
