@@ -735,10 +735,6 @@ class Store:
             db.execute("DELETE FROM idempotency WHERE user_id=? AND key=? AND state='pending'",
                        (user_id, key))
 
-    def idempotency_get(self, user_id, key):
-        return self.conn().execute("SELECT * FROM idempotency WHERE user_id=? AND key=?",
-                                   (user_id, key)).fetchone()
-
     # --- the async queue: jobs in, deliveries out -------------------------------
 
     def add_job(self, db, message_id, user_id, session_id, request):
@@ -1982,9 +1978,6 @@ class RateLimiter:
                 del self._buckets[key]
         while len(self._buckets) > self.max_keys:  # all busy: drop the oldest
             del self._buckets[next(iter(self._buckets))]
-
-    def __len__(self):
-        return len(self._buckets)
 
 
 class Authenticator:

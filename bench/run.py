@@ -14,12 +14,13 @@ load generator. No timed assertions anywhere: these are figures to read.
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import platform
+import py_compile
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -257,10 +258,31 @@ def daemon_env(data, extra_config):
     return env, config
 
 
-def start_aibutler(data, extra_config="", cpu=None):
+def start_aibutler(data, extra_config="", cpu=None, as_script=False):
+    """As aibutler.service runs it: `python -m aibutler` with its byte code
+    compiled at install; as_script: `python aibutler.py run` (compiles at start)."""
     env, config = daemon_env(data, extra_config)
-    return Server([sys.executable, os.path.join(ROOT, "aibutler.py"), "run", "--config", config,
-                   "--port", "0"], env=env, cpu=cpu)
+    if as_script:
+        argv = [sys.executable, os.path.join(ROOT, "aibutler.py")]
+    else:
+        code = os.path.join(data, "code")
+        os.makedirs(code)
+        shutil.copy(os.path.join(ROOT, "aibutler.py"), code)
+        py_compile.compile(os.path.join(code, "aibutler.py"), doraise=True,
+                           cfile=importlib.util.cache_from_source(os.path.join(code, "aibutler.py")))
+        env["PYTHONPATH"] = code
+        argv = [sys.executable, "-m", "aibutler"]
+    return Server(argv + ["run", "--config", config, "--port", "0"], env=env, cpu=cpu)
+
+
+def scenario_script_start():
+    """Idle memory and readiness when run as a plain script."""
+    with tempfile.TemporaryDirectory() as data:
+        server = start_aibutler(data, as_script=True)
+        try:
+            return rss_mb(server.proc.pid), server.ready_s
+        finally:
+            server.stop()
 
 
 def scenario_floor(args, cpu, load_cpu):
@@ -445,6 +467,11 @@ def main():
         out += ["", f"Dispatch: {dispatch['callbacks']} queued callbacks delivered to a loopback "
                     f"receiver at **{dispatch['callbacks_per_s']:.0f} callbacks/s**.", ""]
         print("\n".join(out[-len(rows) - 6:]), flush=True)
+    script_mb, script_ready = scenario_script_start()
+    out += [f"aibutler is run as aibutler.service runs it (`python -m aibutler`, byte code "
+            f"compiled at install). Run as a script (`python aibutler.py run`, compiled at "
+            f"every start) it idles at {script_mb:.1f} MB and is ready in {script_ready:.3f} s.",
+            ""]
     turn = scenario_turn(args)
     out += [f"Turn overhead (in-process, fake OpenAI model answering at once, median of "
             f"{args.turns}): turn {turn['turn_ms']:.3f} ms, bare model round trip "

@@ -207,3 +207,13 @@ def test_config_example_lists_every_key_with_its_default(tmp_path):
         assert f"[{section}]" in text
         for key in keys:
             assert f"\n{key} =" in text, key
+
+
+def test_rate_limit_buckets_stay_bounded():
+    limiter = aibutler.RateLimiter((5, 60.0), max_keys=100)
+    for i in range(5000):
+        assert limiter.take(f"user-{i}") == 0
+    assert len(limiter._buckets) <= 100
+    for _ in range(5):
+        limiter.take("busy")
+    assert limiter.take("busy") > 0  # a bounded table still limits the user in it
