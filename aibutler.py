@@ -2169,15 +2169,17 @@ class WebhookResource:
             raise ApiError(503, "the daemon is shutting down; try again shortly", retry_after=5)
         how = butler.auth.check(req)
         limit = butler.config.server.max_body_bytes
+        too_large = ApiError(413, f"the body is larger than {limit} bytes "
+                                  "([server] max_body_bytes)")
         if req.content_length is not None and req.content_length > limit:
-            raise ApiError(413, f"the body is larger than {limit} bytes ([server] max_body_bytes)")
+            raise too_large
         if not is_json_media_type(req.content_type):
             raise ApiError(415, "send Content-Type: application/json. Form posts (like "
                                 "Twilio's application/x-www-form-urlencoded) need a small "
                                 "adapter that turns them into JSON; see the README")
         raw = req.bounded_stream.read(limit + 1)
-        if len(raw) > limit:
-            raise ApiError(413, f"the body is larger than {limit} bytes ([server] max_body_bytes)")
+        if len(raw) > limit:  # no or a false Content-Length
+            raise too_large
         if how == "signature":
             butler.auth.verify_signature(req, raw)
         request = validate_message(parse_body(raw))
