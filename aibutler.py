@@ -947,7 +947,8 @@ class Metrics:
 def format_labels(labels):
     if not labels:
         return ""
-    escaped = (f'{key}="{str(value)}"'.replace("\n", " ") for key, value in labels)
+    escaped = (key + '="' + str(value).replace("\\", "\\\\").replace('"', '\\"')
+               .replace("\n", "\\n") + '"' for key, value in labels)
     return "{" + ",".join(escaped) + "}"
 
 
@@ -1030,8 +1031,8 @@ class ToolRegistry:
             log.exception("tool %s failed", call.get("name"))
             record["error"] = f"the tool failed: {type(exc).__name__}"
         outcome = "error" if "error" in record else "ok"
-        self.metrics.inc("aibutler_tool_calls_total", (("tool", str(record["name"])[:64]),
-                                                       ("outcome", outcome)))
+        label = record["name"] if record["name"] in self.tools else "(unknown)"  # bounded labels
+        self.metrics.inc("aibutler_tool_calls_total", (("tool", label), ("outcome", outcome)))
         return record
 
 

@@ -107,8 +107,12 @@ def test_bad_tool_calls_return_errors_to_the_model(app_for, vault, receiver):
                       ok(openai_tool_call("calculate", {"expr": "1"}, "c2")),
                       ok(openai_tool_call("launch_rockets", {}, "c3")),
                       ok(openai_text("Sorry, I could not do that."))])
-    result = ask(agent_client(app_for, vault, "openai", model.url))
+    client = agent_client(app_for, vault, "openai", model.url)
+    result = ask(client)
     assert result.status_code == 200 and result.json["reply"] == "Sorry, I could not do that."
+    # a model inventing tool names cannot grow the metrics without bound
+    assert client.butler.metrics.value("aibutler_tool_calls_total",
+                                       (("tool", "(unknown)"), ("outcome", "error"))) == 1
     errors = [call["error"] for call in result.json["tool_calls"]]
     assert "not valid JSON" in errors[0]
     assert "arguments.expression is required" in errors[1]
