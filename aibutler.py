@@ -2443,11 +2443,11 @@ class Daemon:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", server_cfg.host, server_cfg.port, exc)
             return EXIT_FAILURE
-        butler.start()
-        self._log_startup(server)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT):  # before anyone can see us listening
             signal.signal(signum, self._on_stop_signal(server))
         signal.signal(signal.SIGHUP, self._on_reload_signal(server))
+        butler.start()
+        self._log_startup(server)
         self.address = f"{server.effective_host}:{server.effective_port}"
         sd_notify("READY=1\nSTATUS=" + self.status_text(), self.env)
         threading.Thread(target=self._maintenance, name="maintenance", daemon=True).start()

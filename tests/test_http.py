@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import time
 
 import aibutler
 from conftest import SECRET, auth, make_config
@@ -139,7 +140,8 @@ def test_sessions_are_reused_per_user_and_continued_by_id(app_for):
 def test_idle_session_starts_a_new_one(app_for, store):
     client = app_for(sessions={"idle_timeout": "1s"})
     first = post(client, body={"user_id": "a", "message": "hello"}).json["session_id"]
-    store.conn().execute("UPDATE sessions SET last_active = last_active - 5")
+    assert post(client, body={"user_id": "a", "message": "hello"}).json["session_id"] == first
+    store.clock = lambda: time.time() + 5
     assert post(client, body={"user_id": "a", "message": "hello"}).json["session_id"] != first
 
 
@@ -217,3 +219,4 @@ def test_rate_limit_buckets_stay_bounded():
     for _ in range(5):
         limiter.take("busy")
     assert limiter.take("busy") > 0  # a bounded table still limits the user in it
+
