@@ -376,6 +376,8 @@ class Vault:
     the file's mtime, so a running daemon sees changes without a restart."""
 
     NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+    # AIBUTLER_<NAME> of these is a setting, not a secret: such entries could never be read.
+    RESERVED = {"data", "config", "host", "port", "webhook_outbound_url", "webhook_auth_type"}
 
     STAT_EVERY = 1.0  # seconds between checks of the file for changes
 
@@ -387,7 +389,7 @@ class Vault:
 
     @classmethod
     def valid_name(cls, name):
-        return bool(cls.NAME_RE.match(name))
+        return bool(cls.NAME_RE.match(name)) and name not in cls.RESERVED
 
     def get(self, name):
         value = self.env.get("AIBUTLER_" + name.upper())
@@ -2701,7 +2703,8 @@ def read_secret_value(args):
 def check_name(name):
     if Vault.valid_name(name):
         return None
-    return fail(f"invalid name {name!r}: use lower-case letters, digits and _", EXIT_USAGE)
+    return fail(f"invalid name {name!r}: use lower-case letters, digits and _ (and not "
+                f"{', '.join(sorted(Vault.RESERVED))})", EXIT_USAGE)
 
 
 def cmd_vault_set(args):
@@ -2755,9 +2758,9 @@ def cmd_vault_delete(args):
 
 
 def cmd_vault_rotate(args):
-    bad = check_name(args.name)
-    if bad is not None:
-        return bad
+    if args.name != SECRET_NAME:
+        return fail(f"only {SECRET_NAME} is rotated here (a new random value with a grace "
+                    "period); replace other secrets with `vault set`", EXIT_USAGE)
     vault = open_vault()
     source = vault.source(args.name)
     if source not in ("file", None):

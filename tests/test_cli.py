@@ -24,6 +24,8 @@ def test_help_version_and_usage_exit_codes(daemon):
     assert d.cli("frobnicate", check=False).returncode == 2
     assert d.cli("vault", check=False).returncode == 2
     assert d.cli("vault", "set", "Bad-Name", "x", check=False).returncode == 2
+    assert d.cli("vault", "set", "port", "x", check=False).returncode == 2  # AIBUTLER_PORT
+    assert d.cli("vault", "rotate", "openai_api_key", check=False).returncode == 2
 
 
 def test_vault_set_get_list_delete(daemon):
