@@ -395,15 +395,12 @@ class Vault:
         value = self.env.get("AIBUTLER_" + name.upper())
         if value:
             return value.strip()
-        cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
-        if cred_dir:
-            try:
-                with open(os.path.join(cred_dir, name), encoding="utf-8") as handle:
-                    value = handle.read().strip()
-                if value:
-                    return value
-            except FileNotFoundError:
-                pass
+        credential = self._credential_path(name)
+        if credential:
+            with open(credential, encoding="utf-8") as handle:
+                value = handle.read().strip()
+            if value:
+                return value
         value = self._read_cached().get(name)
         return value if isinstance(value, str) and value else None
 
@@ -411,10 +408,15 @@ class Vault:
         """Where get(name) finds its value: 'environment', 'credential', 'file' or None."""
         if self.env.get("AIBUTLER_" + name.upper()):
             return "environment"
-        cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and os.path.isfile(os.path.join(cred_dir, name)):
+        if self._credential_path(name):
             return "credential"
         return "file" if name in self._read_cached() else None
+
+    def _credential_path(self, name):
+        """$CREDENTIALS_DIRECTORY/<name> when systemd provided that credential."""
+        cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
+        path = os.path.join(cred_dir, name) if cred_dir else None
+        return path if path and os.path.isfile(path) else None
 
     def names(self):
         names = set(self._read_cached())
