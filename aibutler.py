@@ -1240,7 +1240,8 @@ class BuiltinModel:
                           re.I | re.S)
     RECALL = re.compile(r"\b(what do you (remember|know)|what did i tell you|recall)\b"
                         r"(\s+about)?(?P<query>[^?]*)", re.I)
-    TIME = re.compile(r"\b(time|date|what day|today)\b", re.I)
+    TIME = re.compile(r"\b(what time|the time|time is it|the date|today's date|what day|"
+                      r"date today)\b", re.I)
     EXPRESSION = re.compile(r"[-+(]*\d[\d\s.+\-*/%^()×÷]*")
 
     def complete(self, system, messages, tools):

@@ -48,9 +48,11 @@ def test_memory_is_per_user(app_for):
 
 
 def test_builtin_is_honest_about_having_no_model(app_for):
-    result = app_for().simulate_post("/webhook/custom", headers=auth(), json={
-        "user_id": "u", "message": "What's the weather?"}).json
-    assert "without a language model" in result["reply"] and result["tool_calls"] == []
+    client = app_for()
+    for question in ("What's the weather?", "What's the weather today?"):
+        result = client.simulate_post("/webhook/custom", headers=auth(), json={
+            "user_id": "u", "message": question}).json
+        assert "without a language model" in result["reply"] and result["tool_calls"] == []
 
 
 def agent_client(app_for, vault, provider, url, **agent):
