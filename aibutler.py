@@ -372,8 +372,9 @@ class Vault:
     The file is plain JSON with mode 0600, not encrypted; systemd's encrypted
     credentials (LoadCredentialEncrypted=) are the way to encrypt at rest. Writes
     hold a file lock and replace the file atomically, so concurrent `vault set`
-    calls lose nothing and a crash never leaves half a file. Reads are cached by
-    the file's mtime, so a running daemon sees changes without a restart."""
+    calls lose nothing and a crash never leaves half a file. Reads are cached and
+    the file's mtime is checked at most once a second, so a running daemon sees
+    changes within a second, without a restart."""
 
     NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
     # AIBUTLER_<NAME> of these is a setting, not a secret: such entries could never be read.
@@ -2533,8 +2534,10 @@ class Daemon:
         while every part is alive); every hour: prune storage."""
         interval = min(self.watchdog_interval or 10.0, 10.0)
         next_prune = 0.0
+        under_systemd = bool(self.env.get("NOTIFY_SOCKET"))
         while not self.stop_requested.wait(interval):
-            self.tick()
+            if under_systemd:  # elsewhere /readyz tells the same, on demand
+                self.tick()
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + 3600
                 try:
