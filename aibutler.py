@@ -243,6 +243,8 @@ CONFIG_SCHEMA = {
         "max_steps": ("8", parse_positive_int),
         "temperature": ("", parse_optional_float),
         "max_tokens": ("1024", parse_positive_int),
+        "max_tokens_param": ("auto", parse_choice("auto", "max_tokens",
+                                                  "max_completion_tokens")),
         "system_prompt": (DEFAULT_SYSTEM_PROMPT, str.strip),
     },
     "sessions": {
@@ -393,25 +395,28 @@ class Vault:
         return bool(cls.NAME_RE.match(name)) and name not in cls.RESERVED
 
     def get(self, name):
-        value = self.env.get("AIBUTLER_" + name.upper())
+        return self.lookup(name)[1]
+
+    def source(self, name):
+        """Where get(name) finds its value: 'environment', 'credential', 'file' or None."""
+        return self.lookup(name)[0]
+
+    def lookup(self, name):
+        """(source, value): the one place the lookup order is decided. A source
+        that holds an empty value is passed over, as if it were absent."""
+        value = (self.env.get("AIBUTLER_" + name.upper()) or "").strip()
         if value:
-            return value.strip()
+            return "environment", value
         credential = self._credential_path(name)
         if credential:
             with open(credential, encoding="utf-8") as handle:
                 value = handle.read().strip()
             if value:
-                return value
+                return "credential", value
         value = self._read_cached().get(name)
-        return value if isinstance(value, str) and value else None
-
-    def source(self, name):
-        """Where get(name) finds its value: 'environment', 'credential', 'file' or None."""
-        if self.env.get("AIBUTLER_" + name.upper()):
-            return "environment"
-        if self._credential_path(name):
-            return "credential"
-        return "file" if name in self._read_cached() else None
+        if isinstance(value, str) and value:
+            return "file", value
+        return None, None
 
     def _credential_path(self, name):
         """$CREDENTIALS_DIRECTORY/<name> when systemd provided that credential."""
@@ -614,17 +619,20 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self, durable=False):
-        """One write transaction; durable=True: on disk before it returns."""
+        """One write transaction; durable=True: on disk before it returns. The
+        in-memory count of pending jobs changes only once COMMIT succeeded."""
         db = self.conn(durable)
         with self._write_lock:
+            self._pending_change = 0
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
-                self._pending = self._count_pending()  # add_job may have counted
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            self._pending += self._pending_change
 
     def close(self):
         for name in ("db", "durable"):
@@ -665,25 +673,28 @@ class Store:
         return sid
 
     def history(self, session_id, limit):
+        """The newest `limit` messages, from the first user message among them:
+        chat templates (Gemma, Mistral) refuse a history that opens with the
+        assistant. Tool calls are never stored, so none is split from its result."""
         rows = self.conn().execute(
             "SELECT role, content FROM messages WHERE session_id=? ORDER BY id DESC LIMIT ?",
             (session_id, limit)).fetchall()
-        return [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
-
-    TRIM_EVERY = 8  # exchanges, on average, between trims of a session's history
+        window = [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
+        while window and window[0]["role"] != "user":
+            window.pop(0)
+        return window
 
     def record_exchange(self, session_id, user_text, reply, max_history):
-        """One statement (a trigger touches the session): on the hot path of every
-        turn, each extra sqlite call is another wait for the GIL under load.
-        Old messages are trimmed now and then; history() reads max_history only."""
+        """The user's message and the reply, then the session trimmed to its newest
+        max_history messages (a trigger touches the session). On the hot path of
+        every turn: two statements, no more."""
         now = self.clock()
         db = self.conn()
         with self._write_lock:
-            cursor = db.execute("INSERT INTO messages (session_id, role, content, created) "
-                                "VALUES (?,'user',?,?), (?,'assistant',?,?)",
-                                (session_id, user_text, now, session_id, reply, now))
-            if cursor.lastrowid % (2 * self.TRIM_EVERY) < 2:
-                self.trim_history(db, max_history, session_id)
+            db.execute("INSERT INTO messages (session_id, role, content, created) "
+                       "VALUES (?,'user',?,?), (?,'assistant',?,?)",
+                       (session_id, user_text, now, session_id, reply, now))
+            self.trim_history(db, max_history, session_id)
 
     @staticmethod
     def trim_history(db, max_history, session_id=None):
@@ -746,11 +757,11 @@ class Store:
         db.execute("INSERT INTO jobs (message_id, user_id, session_id, request, state, created) "
                    "VALUES (?,?,?,?,'queued',?)",
                    (message_id, user_id, session_id, json.dumps(request), self.clock()))
-        self._pending += 1
+        self._pending_change += 1
 
     def pending_jobs(self):
         """Jobs queued or running, counted in memory (only the daemon adds and
-        finishes jobs; a rolled-back transaction recounts)."""
+        finishes jobs)."""
         return self._pending
 
     def _count_pending(self):
@@ -774,7 +785,7 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE jobs SET state='done', finished=? WHERE seq=?", (now, job["seq"]))
             self.add_delivery(db, job["message_id"], job["user_id"], body)
-            self._pending -= 1
+            self._pending_change -= 1
 
     def add_delivery(self, db, message_id, user_id, body):
         db.execute("INSERT INTO deliveries (message_id, user_id, body, state, next_attempt, created) "
@@ -1018,7 +1029,7 @@ class ToolRegistry:
         raw = call.get("arguments")
         record = {"name": call.get("name"), "arguments": raw}
         try:
-            args = json.loads(raw or "{}") if isinstance(raw, str) else (raw or {})
+            args = tool_arguments(raw)
             record["arguments"] = args
             tool = self.tools.get(call.get("name"))
             if tool is None:
@@ -1027,11 +1038,13 @@ class ToolRegistry:
             problem = schema_problem(tool.parameters, args)
             if problem:
                 raise ToolError(problem)
-            record["result"] = tool.func(ctx, **args)
-        except ValueError as exc:
-            record["error"] = f"arguments are not valid JSON: {exc}"
+            result = tool.func(ctx, **args)
+            strict_json(result)  # a bug's NaN must not reach a strict receiver
+            record["result"] = result
         except ToolError as exc:
             record["error"] = str(exc)
+        except ValueError as exc:  # the tool's own complaint, passed on as it is
+            record["error"] = f"the tool failed: {one_line(exc)}"
         except Exception as exc:  # the turn goes on; the traceback goes to the log
             log.exception("tool %s failed", call.get("name"))
             record["error"] = f"the tool failed: {type(exc).__name__}"
@@ -1039,6 +1052,32 @@ class ToolRegistry:
         label = record["name"] if record["name"] in self.tools else "(unknown)"  # bounded labels
         self.metrics.inc("aibutler_tool_calls_total", (("tool", label), ("outcome", outcome)))
         return record
+
+
+def tool_arguments(raw):
+    """The model's arguments (a JSON text, or an object some servers send) -> value;
+    only this step's failures say "not valid JSON"."""
+    if not isinstance(raw, str):
+        return raw or {}
+    try:
+        return loads_json(raw or "{}")
+    except (ValueError, RecursionError) as exc:
+        raise ToolError(f"arguments are not valid JSON: {exc}") from None
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads_json(text):
+    """json.loads without Python's NaN/Infinity extensions, which strict parsers
+    (and so our senders and callback receivers) refuse."""
+    return json.loads(text, parse_constant=reject_constant)
+
+
+def strict_json(value):
+    """Standard JSON text of value; ValueError for NaN or Infinity inside."""
+    return json.dumps(value, allow_nan=False)
 
 
 def tool_current_time(ctx, timezone=None):
@@ -1078,7 +1117,7 @@ def calculate(expression):
         if isinstance(node, ast.Expression):
             return evaluate(node.body)
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return finite(node.value)
         if isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARY:
             return CALC_UNARY[type(node.op)](evaluate(node.operand))
         if isinstance(node, ast.BinOp) and type(node.op) in CALC_BINARY:
@@ -1095,8 +1134,13 @@ def calculate(expression):
                 raise ToolError("the result is too large")
             if isinstance(result, complex):
                 raise ToolError("the result is not a real number")
-            return result
+            return finite(result)
         raise ToolError("only numbers, + - * / // % ** and parentheses are allowed")
+
+    def finite(number):  # inf and nan are not JSON: a strict receiver would drop the reply
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ToolError("the result is too large")
+        return number
 
     value = evaluate(tree)
     if isinstance(value, float):
@@ -1189,23 +1233,65 @@ def network_reason(exc):
     return one_line(reason) or type(reason).__name__
 
 
+MAX_RETRY_AFTER = 86400.0  # seconds: a later Retry-After is a server's mistake, not a plan
+
+
 def parse_retry_after(value, now=None):
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), or None."""
+    """Seconds to wait from a Retry-After value: delay-seconds (fractions too) or an
+    HTTP date, at most MAX_RETRY_AFTER. None when absent, unparsable, zero or in the
+    past: the caller then uses its own backoff, never a retry without a pause."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
     try:
-        when = email_date(value)
-    except (TypeError, ValueError):
+        seconds = float(value)
+    except ValueError:
+        seconds = seconds_until_http_date(value, now)
+    if seconds is None or not seconds > 0:  # also refuses NaN
         return None
-    return max(0.0, when - (now or time.time()))
+    return min(seconds, MAX_RETRY_AFTER)
 
 
-def email_date(value):
+def retry_after_seconds(headers, now=None):
+    """The server's own wait: OpenAI's retry-after-ms first, then Retry-After."""
+    try:
+        millis = float(headers.get("retry-after-ms") or "nan")
+    except ValueError:
+        millis = math.nan
+    if millis > 0:
+        return min(millis / 1000, MAX_RETRY_AFTER)
+    return parse_retry_after(headers.get("Retry-After"), now)
+
+
+UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def seconds_until_http_date(value, now=None):
+    """Seconds from `now` (default: the current time) until an HTTP date, or None.
+    HTTP dates are UTC (RFC 9110): a date without a zone is UTC, not local time.
+    Aware datetimes only, never the platform's time_t, which ends in 2038 on 32-bit
+    systems such as Raspberry Pi OS's armhf userland."""
     import email.utils  # only needed for the rare HTTP-date form
-    return email.utils.parsedate_to_datetime(value).timestamp()
+    parts = email.utils.parsedate_tz(value)
+    if parts is None:
+        return None
+    try:
+        when = datetime.datetime(*parts[:6], tzinfo=datetime.timezone.utc)
+        when -= datetime.timedelta(seconds=parts[9] or 0)
+    except (ValueError, OverflowError):
+        return None
+    now = UNIX_EPOCH + datetime.timedelta(seconds=time.time() if now is None else now)
+    return (when - now).total_seconds()
+
+
+def iso_utc(timestamp):
+    """A stored Unix time as ISO 8601 UTC, computed without time_t (see above);
+    a value no calendar holds is shown as the number it is."""
+    try:
+        moment = UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
+    except (OverflowError, ValueError, TypeError):
+        return str(timestamp)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def url_host(url):
@@ -1215,9 +1301,13 @@ def url_host(url):
 
 
 class ModelReply:
-    def __init__(self, text="", tool_calls=()):
+    """What one model call gave: text, tool calls, and whether the text was cut
+    off by the token limit (`truncated`)."""
+
+    def __init__(self, text="", tool_calls=(), truncated=False):
         self.text = text or ""
         self.tool_calls = list(tool_calls)
+        self.truncated = truncated
 
 
 class BuiltinModel:
@@ -1312,11 +1402,16 @@ class HTTPModel:
     the mapping of every failure to the status the sender sees."""
 
     name = default_base_url = default_model = default_key_name = None
-    RETRIES_ON_5XX = 2
+    MAX_ATTEMPTS = 3  # per model call, whatever the server asks for
+    BACKOFF = 0.5     # seconds before the 2nd attempt, doubled for each one after
+    RETRIED = frozenset({408, 429}) | frozenset(range(500, 600))
+    TEMPORARY = frozenset({429, 503, 529})  # 529: Anthropic's overloaded_error
 
-    def __init__(self, agent_config, vault):
+    def __init__(self, agent_config, vault, clock=time.monotonic, sleep=time.sleep):
         self.config = agent_config
         self.vault = vault
+        self.clock = clock
+        self.sleep = sleep
         self.base_url = (agent_config.base_url or self.default_base_url).rstrip("/")
         self.model = agent_config.model or self.default_model
         self.key_name = agent_config.api_key_name or self.default_key_name
@@ -1325,15 +1420,12 @@ class HTTPModel:
         return self.vault.get(self.key_name)
 
     def post(self, url, payload, headers):
-        deadline = time.monotonic() + self.config.timeout
-        return self._post_with_retries(url, payload, headers, deadline)
-
-    def _post_with_retries(self, url, payload, headers, deadline):
+        """POST JSON and return the parsed answer; every failure is an ApiError."""
+        deadline = self.clock() + self.config.timeout
         data = json.dumps(payload).encode()
         headers = dict(headers, **{"Content-Type": "application/json", "User-Agent": USER_AGENT})
-        failures = 0
-        while True:
-            remaining = deadline - time.monotonic()
+        for attempt in range(1, self.MAX_ATTEMPTS + 1):
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 raise self._timeout()
             try:
@@ -1342,36 +1434,39 @@ class HTTPModel:
                 if is_timeout(exc):
                     raise self._timeout() from None
                 raise ApiError(502, f"cannot reach the {self.name} model server at "
-                                      f"{url_host(url)}: {network_reason(exc)}") from None
+                                    f"{url_host(url)}: {network_reason(exc)}") from None
             if 200 <= status < 300:
                 try:
-                    return json.loads(body)
-                except ValueError:
+                    return loads_json(body)
+                except (ValueError, RecursionError):
                     raise ApiError(502, f"the {self.name} model server answered with "
-                                          "something that is not JSON") from None
+                                        "something that is not JSON") from None
             if status in (401, 403):
                 raise ApiError(502, f"the {self.name} provider rejected the API key "
-                                      f"(HTTP {status}); store a valid one with: "
-                                      f"python aibutler.py vault set {self.key_name}")
-            if status != 429 and status < 500:
+                                    f"(HTTP {status}); store a valid one with: "
+                                    f"python aibutler.py vault set {self.key_name}")
+            if status not in self.RETRIED:
                 raise ApiError(502, f"the {self.name} model server refused the request "
-                                      f"(HTTP {status}): {provider_message(body)}")
-            failures += 1
-            wait = parse_retry_after(answer_headers.get("Retry-After"))
+                                    f"(HTTP {status}): {provider_message(body)}")
+            wait = retry_after_seconds(answer_headers)
             if wait is None:
-                wait = min(0.5 * 2 ** (failures - 1), 8.0)
-            out_of_time = time.monotonic() + wait >= deadline
-            if status == 429 and out_of_time:
-                raise ApiError(503, f"the {self.name} provider is rate limiting requests; "
-                                      "try again later", retry_after=max(1, math.ceil(wait)))
-            if status >= 500 and (out_of_time or failures > self.RETRIES_ON_5XX):
-                raise ApiError(502, f"the {self.name} model server failed (HTTP {status}) "
-                                      f"after {failures} attempts")
-            time.sleep(wait)
+                wait = self.BACKOFF * 2 ** (attempt - 1)
+            if attempt == self.MAX_ATTEMPTS or self.clock() + wait >= deadline:
+                raise self._gave_up(status, body, attempt, wait)
+            self.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _gave_up(self, status, body, attempts, wait):
+        detail = f"HTTP {status} after {attempts} attempt(s): {provider_message(body)}"
+        if status in self.TEMPORARY:
+            return ApiError(503, f"the {self.name} provider is overloaded or rate limiting "
+                                 f"requests ({detail}); try again later",
+                            retry_after=max(1, math.ceil(wait)))
+        return ApiError(502, f"the {self.name} model server failed ({detail})")
 
     def _timeout(self):
         return ApiError(504, f"the {self.name} model did not answer within "
-                               f"{self.config.timeout:g}s ([agent] timeout)")
+                             f"{self.config.timeout:g}s ([agent] timeout)")
 
 
 def provider_message(body):
@@ -1397,10 +1492,24 @@ class OpenAIModel(HTTPModel):
     default_base_url = "https://api.openai.com/v1"
     default_model = "gpt-4o-mini"
     default_key_name = "openai_api_key"
+    # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse max_tokens.
+    REASONING_MODEL = re.compile(r"^(o\d|gpt-5)", re.I)
+    FILTERED = "(the model's content filter withheld the reply)"
+
+    def token_limit_key(self):
+        """max_completion_tokens for api.openai.com and reasoning models, max_tokens
+        for the rest (Ollama's /v1 knows only that one); [agent] max_tokens_param
+        forces either."""
+        forced = self.config.max_tokens_param
+        if forced != "auto":
+            return forced
+        official = urllib.parse.urlsplit(self.base_url).hostname == "api.openai.com"
+        reasoning = self.REASONING_MODEL.match(self.model.rsplit("/", 1)[-1])
+        return "max_completion_tokens" if official or reasoning else "max_tokens"
 
     def complete(self, system, messages, tools):
         payload = {"model": self.model, "messages": self._messages(system, messages),
-                   "max_tokens": self.config.max_tokens}
+                   self.token_limit_key(): self.config.max_tokens}
         if self.config.temperature is not None:
             payload["temperature"] = self.config.temperature
         if tools:
@@ -1413,14 +1522,23 @@ class OpenAIModel(HTTPModel):
             headers["Authorization"] = "Bearer " + key
         data = self.post(self.base_url + "/chat/completions", payload, headers)
         try:
-            message = data["choices"][0]["message"]
-            calls = [{"id": c.get("id") or new_id("call"), "name": c["function"]["name"],
-                      "arguments": c["function"].get("arguments") or "{}"}
-                     for c in message.get("tool_calls") or ()]
-        except (KeyError, IndexError, TypeError):
+            return self._reply(data["choices"][0])
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             raise ApiError(502, "the openai model server answered in an unexpected "
-                                  "shape (no choices[0].message)") from None
-        return ModelReply(message.get("content") or "", calls)
+                                "shape (no usable choices[0].message)") from None
+
+    def _reply(self, choice):
+        message = choice["message"]
+        calls = [{"id": c.get("id") or new_id("call"), "name": str(c["function"]["name"]),
+                  "arguments": c["function"].get("arguments") or "{}"}
+                 for c in message.get("tool_calls") or ()]
+        text = content_text(message.get("content"))
+        finish = choice.get("finish_reason")
+        if not text and isinstance(message.get("refusal"), str):
+            text = message["refusal"]  # the model's own words for why it will not answer
+        if not text and not calls and finish == "content_filter":
+            text = self.FILTERED
+        return ModelReply(text, calls, truncated=finish == "length")
 
     @staticmethod
     def _messages(system, messages):
@@ -1440,6 +1558,18 @@ class OpenAIModel(HTTPModel):
         return out
 
 
+def content_text(content):
+    """Message content as text: a string, or (some servers and proxies) a list of
+    parts whose text parts are joined. Anything else is not a reply."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and part.get("type") == "text"
+                       and isinstance(part.get("text"), str))
+    raise ValueError("content is neither text nor a list of parts")
+
+
 class AnthropicModel(HTTPModel):
     """Anthropic's Messages API with tool use."""
 
@@ -1448,6 +1578,8 @@ class AnthropicModel(HTTPModel):
     default_model = "claude-sonnet-4-5"
     default_key_name = "anthropic_api_key"
     API_VERSION = "2023-06-01"
+    CUT_OFF = ("max_tokens", "model_context_window_exceeded")
+    REFUSED = "(the model declined to answer)"
 
     def complete(self, system, messages, tools):
         payload = {"model": self.model, "system": system, "max_tokens": self.config.max_tokens,
@@ -1464,13 +1596,16 @@ class AnthropicModel(HTTPModel):
         data = self.post(self.base_url + "/v1/messages", payload, headers)
         try:
             blocks = data["content"]
-            text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
-            calls = [{"id": b["id"], "name": b["name"], "arguments": b.get("input") or {}}
+            text = "".join(b["text"] for b in blocks if b.get("type") == "text")
+            calls = [{"id": b["id"], "name": str(b["name"]), "arguments": b.get("input") or {}}
                      for b in blocks if b.get("type") == "tool_use"]
+            stop = data.get("stop_reason")
         except (KeyError, TypeError, AttributeError):
             raise ApiError(502, "the anthropic model server answered in an unexpected "
-                                  "shape (no content blocks)") from None
-        return ModelReply(text, calls)
+                                "shape (no content blocks)") from None
+        if not text.strip() and not calls and stop == "refusal":
+            text = self.REFUSED
+        return ModelReply(text, calls, truncated=stop in self.CUT_OFF)
 
     @staticmethod
     def _messages(messages):
@@ -1486,7 +1621,9 @@ class AnthropicModel(HTTPModel):
                 else:
                     out.append({"role": "user", "content": [block]})
             elif m.get("tool_calls"):
-                content = [{"type": "text", "text": m["content"]}] if m["content"] else []
+                # Claude may put "\n\n" before a tool_use; the API refuses it back.
+                text = m["content"] if (m["content"] or "").strip() else None
+                content = [{"type": "text", "text": text}] if text else []
                 for c in m["tool_calls"]:
                     arguments = c["arguments"]
                     if isinstance(arguments, str):
@@ -1552,7 +1689,8 @@ class Agent:
                 f"Current date and time: {now:%A} {now.isoformat(timespec='minutes')}.")
 
     def run_turn(self, request, session_id, message_id=None):
-        """Returns {"reply", "session_id", "tool_calls"}; raises ApiError."""
+        """Returns {"reply", "session_id", "tool_calls"} (and "truncated": true when the
+        token limit cut the reply off); raises ApiError."""
         agent, sessions = self.config.agent, self.config.sessions
         metadata = request.get("metadata") or {}
         ctx = types.SimpleNamespace(user_id=request["user_id"], session_id=session_id,
@@ -1564,6 +1702,7 @@ class Agent:
         tools = self.tools.specs()
         records = []
         outcome = "error"
+        truncated = False
         try:
             for _ in range(agent.max_steps):
                 started = time.monotonic()
@@ -1574,6 +1713,7 @@ class Agent:
                                          time.monotonic() - started)
                 if not answer.tool_calls:
                     reply = answer.text.strip() or "(the model returned an empty reply)"
+                    truncated = answer.truncated
                     break
                 messages.append({"role": "assistant", "content": answer.text,
                                  "tool_calls": answer.tool_calls})
@@ -1594,7 +1734,13 @@ class Agent:
         finally:
             self.metrics.inc("aibutler_agent_turns_total",
                              (("provider", agent.provider), ("outcome", outcome)))
-        return {"reply": reply, "session_id": session_id, "tool_calls": records}
+        result = {"reply": reply, "session_id": session_id, "tool_calls": records}
+        if truncated:
+            log.warning("agent: the reply of model %s was cut off at [agent] max_tokens = %d; "
+                        "raise it for complete answers", getattr(self.model, "model", "?"),
+                        agent.max_tokens)
+            result["truncated"] = True
+        return result
 
 
 # ============================================================================
@@ -1833,6 +1979,8 @@ class TurnWorkers(WorkerPool):
         try:
             result = self.agent.run_turn(request, job["session_id"], job["message_id"])
             body.update(reply=result["reply"], tool_calls=result["tool_calls"])
+            if result.get("truncated"):
+                body["truncated"] = True
         except ApiError as exc:
             log.warning("turn %s failed: %s", job["message_id"], exc.description)
             body["error"] = exc.as_dict()
@@ -1851,8 +1999,6 @@ class CallbackDispatcher(WorkerPool):
     with every retry so receivers can drop duplicates. Retries follow
     [delivery] retry_schedule with jitter; Retry-After is honoured on 429/503;
     other 4xx (but 408) are final."""
-
-    MAX_RETRY_AFTER = 86400.0
 
     def __init__(self, config, store, vault, metrics=None, clock=time.time):
         super().__init__("dispatcher", config.delivery.dispatchers)
@@ -1933,7 +2079,7 @@ class CallbackDispatcher(WorkerPool):
             self._fail(row, attempt, f"{error}; gave up after {attempt} attempts")
             return
         if retry_after is not None:
-            delay = min(retry_after, self.MAX_RETRY_AFTER)
+            delay = retry_after
         else:
             delay = schedule[attempt - 1] * random.uniform(0.8, 1.2)
         self.store.delivery_retry_at(row["seq"], self.clock() + delay, error)
@@ -2788,7 +2934,7 @@ def cmd_deliveries_list(args):
     store = open_store(data_dir_from_env())
     rows = store.list_deliveries(args.failed, args.limit)
     for row in rows:
-        created = datetime.datetime.fromtimestamp(row["created"]).isoformat(timespec="seconds")
+        created = iso_utc(row["created"])
         print(f"{row['message_id']}\t{row['state']}\tattempts={row['attempts']}\t"
               f"{created}\tuser={row['user_id']}\t{row['last_error'] or ''}")
     if not rows:

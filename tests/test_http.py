@@ -152,7 +152,7 @@ def test_history_is_capped(app_for, store):
     history = client.butler.agent.store.history(sid, 4)  # what the next turn is shown
     assert [m["content"] for m in history if m["role"] == "user"] == ["hello 38", "hello 39"]
     stored = store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-    assert stored <= 4 + 2 * aibutler.Store.TRIM_EVERY  # trimmed as it goes, not kept forever
+    assert stored == 4  # trimmed as it goes, not kept forever
     store.prune(86400, 4)
     assert store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 4
 
