@@ -24,11 +24,14 @@ import base64
 import configparser
 import contextlib
 import datetime
+import errno
 import fcntl
 import getpass
 import hashlib
 import hmac
+import http.client
 import importlib.util
+import io
 import ipaddress
 import json
 import logging
@@ -38,9 +41,11 @@ import os
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -65,6 +70,7 @@ except ImportError:  # `--help`, `vault` and `deliveries` work without it; `run`
 # ============================================================================
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+EXIT_CANNOT_LISTEN = 69  # the port is taken: the unit's RestartPreventExitStatus= lists it
 
 SECRET_NAME = "webhook_auth_secret"
 USER_AGENT = "aibutler/" + __version__
@@ -84,6 +90,11 @@ class ConfigError(Exception):
 
 class VaultError(Exception):
     """The vault file cannot be read or written."""
+
+
+class DataDirError(Exception):
+    """The data directory, or a file in it, cannot be used (not a directory, a
+    symlink where a file should be, a corrupt database). One line, no traceback."""
 
 
 class ApiError(Exception):
@@ -161,10 +172,22 @@ def parse_positive_int(text):
     return value
 
 
-def parse_port(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number 0-65535")
+def parse_int_between(low, high):
+    def parse(text):
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return value
+    return parse
+
+
+parse_port = parse_int_between(1, 65535)
+
+
+def parse_positive_duration(text):
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be more than 0 (e.g. 30s)")
     return value
 
 
@@ -178,21 +201,45 @@ def parse_choice(*choices):
 
 
 def parse_url(text):
+    """An http(s) URL that urllib can use as it is, or empty for none."""
     value = str(text).strip()
-    if value and urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+    if not value:
+        return value
+    if re.search(r"[\s\x00-\x1f\x7f]", value):
+        raise ValueError("the URL contains whitespace or control characters")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a usable URL ({one_line(exc).split(':')[0]})") from None
+    if parts.scheme not in ("http", "https"):
         raise ValueError("expected an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    if port == 0:
+        raise ValueError("the port must be 1-65535")
+    if "@" in parts.netloc:
+        raise ValueError("credentials in the URL are not used; see auth_type and auth_user")
     return value
+
+
+parse_url.redact = True  # URLs hold tokens: errors do not repeat the value
 
 
 def parse_path(text):
     value = str(text).strip()
-    if not value.startswith("/"):
-        raise ValueError("expected a path starting with /")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+", value) or "/../" in value + "/":
+        raise ValueError("expected a plain absolute path like /webhook/custom")
     return value
 
 
 def parse_optional_float(text):
-    return float(text) if str(text).strip() else None
+    if not str(text).strip():
+        return None
+    value = float(text)
+    if not 0 <= value <= 2:
+        raise ValueError("must be a number from 0 to 2, or empty")
+    return value
 
 
 def parse_networks(text):
@@ -212,10 +259,12 @@ CONFIG_SCHEMA = {
     "server": {
         "host": ("127.0.0.1", str.strip),
         "port": ("3377", parse_port),
-        "threads": ("4", parse_positive_int),
+        "threads": ("4", parse_int_between(1, 256)),
         "max_body_bytes": ("1048576", parse_positive_int),
-        "connection_limit": ("100", parse_positive_int),
-        "channel_timeout": ("60s", parse_duration),
+        "connection_limit": ("200", parse_int_between(1, 10000)),
+        "client_connection_limit": ("20", parse_int_between(0, 10000)),
+        "header_timeout": ("10s", parse_positive_duration),
+        "channel_timeout": ("60s", parse_positive_duration),
         "shutdown_timeout": ("10s", parse_duration),
         "trusted_proxies": ("", parse_networks),
         "metrics_public": ("false", parse_bool),
@@ -231,7 +280,7 @@ CONFIG_SCHEMA = {
         "auth_type": ("bearer", parse_choice("bearer", "basic", "none")),
         "auth_user": ("aibutler", str.strip),
         "sign": ("true", parse_bool),
-        "callback_timeout": ("15s", parse_duration),
+        "callback_timeout": ("15s", parse_positive_duration),
         "previous_secret_grace": ("24h", parse_duration),
     },
     "agent": {
@@ -239,7 +288,7 @@ CONFIG_SCHEMA = {
         "model": ("", str.strip),
         "base_url": ("", parse_url),
         "api_key_name": ("", str.strip),
-        "timeout": ("60s", parse_duration),
+        "timeout": ("60s", parse_positive_duration),
         "max_steps": ("8", parse_positive_int),
         "temperature": ("", parse_optional_float),
         "max_tokens": ("1024", parse_positive_int),
@@ -299,9 +348,79 @@ def data_dir_from_env(env=None):
     return os.path.abspath(path)
 
 
+def command_hint(data_dir, *words, env=None):
+    """The command line that works where this process runs: this interpreter and
+    this file (Debian has no `python`), AIBUTLER_DATA when the data directory is
+    not the invoking user's default, and sudo when that directory belongs to a
+    service (systemd started us: its user is no one's login)."""
+    env = os.environ if env is None else env
+    command = [sys.executable or "python3", os.path.abspath(__file__), *words]
+    if data_dir != data_dir_from_env({}):
+        command.insert(0, "AIBUTLER_DATA=" + shlex.quote(data_dir))
+        if env.get("INVOCATION_ID") and os.geteuid() != 0:
+            command.insert(0, "sudo")
+    return " ".join(command[:1] + [shlex.quote(word) if not word.startswith("AIBUTLER_DATA=")
+                                   else word for word in command[1:]])
+
+
 def ensure_data_dir(path):
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(f"{path}: cannot use it as the data directory: "
+                           f"{exc.strerror or exc}") from None
+    if not os.path.isdir(path):
+        raise DataDirError(f"{path}: the data directory is not a directory")
     return path
+
+
+def data_dir_warnings(path, fresh):
+    """Other users must not write the data directory (nor, on a fresh install
+    where no secret exists yet, read it)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o022:
+        return [f"the data directory {path} can be written by other users; "
+                f"fix it with: chmod 700 {path}"]
+    if fresh and mode & 0o044:
+        return [f"the data directory {path} can be read by other users; "
+                f"fix it with: chmod 700 {path}"]
+    return []
+
+
+def open_private(path, flags=os.O_RDWR | os.O_CREAT):
+    """Open a file of the data directory for writing: never through a symlink
+    (root runs the CLI on a directory the service user owns, where a planted link
+    must not aim root's writes elsewhere), mode 0600 whatever the umask, and,
+    when root creates it there, owned by the directory's owner: handed over on
+    the open descriptor, never by path. Returns the descriptor."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataDirError(f"{path} is a symbolic link; aibutler does not follow links "
+                               "in its data directory: remove it") from None
+        raise DataDirError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataDirError(f"{path} is not a regular file")
+        give_to_directory_owner(fd, path, info)
+        if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid in (os.geteuid(), 0):
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def give_to_directory_owner(fd, path, info):
+    """`sudo aibutler vault set` on a service's state directory must leave files
+    the service user can still use, so root hands what it opens to the owner."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(os.path.dirname(os.path.abspath(path)))
+    if owner.st_uid != 0 and (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def find_config_file(explicit, env, data_dir):
@@ -355,8 +474,18 @@ def load_config(explicit=None, env=None, data_dir=None):
                 values[section][key] = parse(raw[section][key])
             except ValueError as exc:
                 where = origin.get((section, key), f"[{section}] {key}")
-                raise ConfigError(f"{where} = {raw[section][key]!r}: {exc}") from None
-    return Config(values, source=path, warnings=warnings)
+                shown = "" if getattr(parse, "redact", False) else f" = {raw[section][key]!r}"
+                raise ConfigError(f"{where}{shown}: {exc}") from None
+    config = Config(values, source=path, warnings=warnings)
+    taken = set(RESERVED_PATHS).intersection({config.webhook.path})
+    if taken:
+        where = origin.get(("channels.webhook", "path"), "[channels.webhook] path")
+        raise ConfigError(f"{where} = {config.webhook.path!r}: {taken.pop()} is the daemon's "
+                          "own; choose another path")
+    return config
+
+
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")  # routes create_app adds itself
 
 
 def one_line(exc):
@@ -449,8 +578,8 @@ class Vault:
         if now - self._checked < self.STAT_EVERY:
             return self._cache[1]
         try:
-            stat = os.stat(self.path)
-            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            info = os.lstat(self.path)
+            key = (info.st_mtime_ns, info.st_size, info.st_ino)
         except FileNotFoundError:
             key = None
         if self._cache[0] != key:
@@ -460,10 +589,16 @@ class Vault:
 
     def _read_file(self):
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                data = json.load(handle)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return {}
+        except OSError as exc:
+            why = ("it is a symbolic link, which aibutler does not follow: remove it"
+                   if exc.errno == errno.ELOOP else exc.strerror or str(exc))
+            raise VaultError(f"{self.path}: cannot read the vault: {why}") from None
+        try:
+            with os.fdopen(fd, encoding="utf-8") as handle:
+                data = json.load(handle)
         except (OSError, ValueError) as exc:
             raise VaultError(f"{self.path}: cannot read the vault: {one_line(exc)}") from None
         if not isinstance(data, dict):
@@ -474,8 +609,7 @@ class Vault:
     def _locked(self):
         directory = os.path.dirname(self.path)
         ensure_data_dir(directory)
-        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        give_to_directory_owner(self.path + ".lock")
+        lock_fd = self._open(self.path + ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             data = self._read_file()
@@ -485,18 +619,24 @@ class Vault:
         finally:
             os.close(lock_fd)  # closing releases the lock
 
+    @staticmethod
+    def _open(path, flags):
+        try:
+            return open_private(path, flags)
+        except DataDirError as exc:
+            raise VaultError(str(exc)) from None
+
     def _write_atomically(self, data):
         directory = os.path.dirname(self.path)
-        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = f"{self.path}.{secrets.token_hex(8)}.tmp"  # unpredictable, created exclusively
+        fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(data, handle, indent=2, sort_keys=True)
                 handle.write("\n")
                 handle.flush()
                 os.fsync(handle.fileno())
-            give_to_directory_owner(tmp)
-            os.replace(tmp, self.path)
+            os.replace(tmp, self.path)  # replaces a link itself, never its target
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -506,16 +646,6 @@ class Vault:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-
-def give_to_directory_owner(path):
-    """`sudo aibutler vault set` on a service's state directory must leave files
-    the service user can still read, so root hands them to the directory's owner."""
-    if os.geteuid() != 0:
-        return
-    owner = os.stat(os.path.dirname(os.path.abspath(path)))
-    if owner.st_uid != 0:
-        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def ensure_webhook_secret(vault):
@@ -584,6 +714,23 @@ def new_id(prefix):
     return f"{prefix}-{random.getrandbits(80):020x}"
 
 
+def is_storage_failure(exc):
+    """The disk or the file failed (full, read-only, I/O, corrupt, locked), as
+    opposed to a bug in a statement: the first is retried later, not a 500."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def storage_problem(exc):
+    """What went wrong, in words an operator (and a sender) can act on."""
+    text = str(exc).lower()
+    for words, cause in (("full", "the disk is full"), ("readonly", "the database is read-only"),
+                         ("locked", "the database is locked by another process"),
+                         ("i/o", "a disk I/O error"), ("open", "the database cannot be opened")):
+        if words in text:
+            return cause
+    return "the database cannot be written"
+
+
 class Store:
     """Everything that must survive a restart, in one sqlite file (WAL mode).
 
@@ -598,8 +745,16 @@ class Store:
         # One writer at a time inside this process: threads queue on a lock
         # instead of sleeping in sqlite's busy handler (which costs milliseconds).
         self._write_lock = threading.Lock()
-        self.conn().executescript(SCHEMA)
-        self._pending = self._count_pending()
+        self.write_error = None  # why the last write failed, until one succeeds
+        for suffix in ("", "-wal", "-shm"):  # sqlite itself would follow a planted link
+            os.close(open_private(path + suffix))
+        try:
+            self.conn().executescript(SCHEMA)
+            self._pending = self._count_pending()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise DataDirError(f"{path}: cannot use the database: {exc} (move the file "
+                               "aside to start with an empty one)") from None
 
     def conn(self, durable=False):
         """This thread's connection. The durable one syncs the WAL to disk on
@@ -622,7 +777,7 @@ class Store:
         """One write transaction; durable=True: on disk before it returns. The
         in-memory count of pending jobs changes only once COMMIT succeeded."""
         db = self.conn(durable)
-        with self._write_lock:
+        with self._writer():
             self._pending_change = 0
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -633,6 +788,28 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
             self._pending += self._pending_change
+
+    @contextlib.contextmanager
+    def _writer(self):
+        """This process's one writer slot; remembers whether writing works."""
+        with self._write_lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                if is_storage_failure(exc):
+                    self.write_error = storage_problem(exc)
+                raise
+            self.write_error = None
+
+    def writable(self):
+        """True unless the last write failed and a probe write still fails."""
+        if self.write_error is None:
+            return True
+        with contextlib.suppress(sqlite3.OperationalError, sqlite3.DatabaseError):
+            with self.transaction() as db:  # pages really written, then the row is gone
+                db.execute("INSERT INTO seen_signatures VALUES ('probe', 'probe', 0)")
+                db.execute("DELETE FROM seen_signatures WHERE webhook_id='probe'")
+        return self.write_error is None
 
     def close(self):
         for name in ("db", "durable"):
@@ -690,7 +867,7 @@ class Store:
         every turn: two statements, no more."""
         now = self.clock()
         db = self.conn()
-        with self._write_lock:
+        with self._writer():
             db.execute("INSERT INTO messages (session_id, role, content, created) "
                        "VALUES (?,'user',?,?), (?,'assistant',?,?)",
                        (session_id, user_text, now, session_id, reply, now))
@@ -768,14 +945,16 @@ class Store:
         return self.conn().execute(
             "SELECT COUNT(*) FROM jobs WHERE state IN ('queued','running')").fetchone()[0]
 
-    def claim_job(self):
-        """The oldest queued job whose user has no job running (per-user order)."""
+    def claim_job(self, hold):
+        """The oldest queued job whose user has no job running (per-user order);
+        hold(seq) records the claim while the write lock is still held."""
         with self.transaction() as db:
             row = db.execute(
                 "SELECT * FROM jobs WHERE state='queued' AND user_id NOT IN "
                 "(SELECT user_id FROM jobs WHERE state='running') ORDER BY seq LIMIT 1").fetchone()
             if row is not None:
                 db.execute("UPDATE jobs SET state='running' WHERE seq=?", (row["seq"],))
+                hold(row["seq"])
             return row
 
     def finish_job(self, job, body):
@@ -801,7 +980,19 @@ class Store:
             db.execute("DELETE FROM idempotency WHERE state='pending'")
         return jobs, sends
 
-    def claim_delivery(self):
+    def requeue(self, table, held):
+        """Jobs ('running') or deliveries ('sending') a failed write left behind go
+        back in line; held() names those threads still have in hand (asked under
+        the write lock, so no claim slips in between). A receiver may see a
+        delivery twice, with the same webhook-id."""
+        states = {"jobs": ("running", "queued"), "deliveries": ("sending", "pending")}
+        stuck, ready = states[table]
+        with self.transaction() as db:
+            keep = tuple(held())
+            return db.execute(f"UPDATE {table} SET state='{ready}' WHERE state='{stuck}' AND "
+                              f"seq NOT IN ({','.join('?' * len(keep))})", keep).rowcount
+
+    def claim_delivery(self, hold):
         now = self.clock()
         with self.transaction() as db:
             row = db.execute("SELECT * FROM deliveries WHERE state='pending' AND next_attempt<=? "
@@ -809,6 +1000,7 @@ class Store:
             if row is not None:
                 db.execute("UPDATE deliveries SET state='sending', attempts=attempts+1 "
                            "WHERE seq=?", (row["seq"],))
+                hold(row["seq"])
             return row
 
     def next_delivery_due(self):
@@ -1208,19 +1400,75 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a redirect is reported as the non-2xx status it is
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+class _DeadlineSocket:
+    """A connected socket whose every read and write gets what is left of one
+    total deadline as its timeout: a socket timeout alone bounds each read, and a
+    server dribbling a byte every few seconds would hold an attempt for minutes."""
+
+    def __init__(self, sock, until):
+        self._sock, self._until = sock, until
+
+    def _arm(self):
+        left = self._until - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self._sock.settimeout(left)
+
+    def sendall(self, data, *flags):
+        self._arm()
+        return self._sock.sendall(data, *flags)
+
+    def recv_into(self, buffer, nbytes=0, *flags):
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes, *flags)
+
+    def makefile(self, mode="rb", buffering=-1, **kwargs):
+        """What http.client reads the answer from; like socket.makefile, it keeps
+        the socket open until the answer is closed too."""
+        self._sock._io_refs += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def __getattr__(self, name):  # close, fileno, _decref_socketios, ...
+        return getattr(self._sock, name)
+
+
+def _deadline_handlers(until):
+    """urllib handlers whose connections keep to `until` (time.monotonic())."""
+    def connection_class(base):
+        class Connection(base):
+            def connect(self):
+                super().connect()
+                self.sock = _DeadlineSocket(self.sock, until)
+        return Connection
+
+    plain, tls = connection_class(http.client.HTTPConnection), connection_class(
+        http.client.HTTPSConnection)
+
+    class Plain(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(plain, req)
+
+    class TLS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(tls, req, context=self._context)
+    return Plain(), TLS()
 
 
 def http_post(url, body, headers, timeout):
     """POST bytes. Returns (status, headers, body) for every HTTP status; raises
-    OSError (URLError, timeouts) when no HTTP answer came."""
+    OSError (URLError, timeouts, broken answers) when no whole HTTP answer came
+    within `timeout` seconds in total. Redirects are not followed."""
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
+        time.monotonic() + timeout))
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return response.status, response.headers, response.read(MAX_RESPONSE_BYTES)
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
+    except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
+        raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
 
 
 def is_timeout(exc):
@@ -1442,9 +1690,12 @@ class HTTPModel:
                     raise ApiError(502, f"the {self.name} model server answered with "
                                         "something that is not JSON") from None
             if status in (401, 403):
+                log.warning("agent: the %s provider rejected the API key; store a valid one "
+                            "with: %s", self.name, command_hint(
+                                os.path.dirname(self.vault.path), "vault", "set", self.key_name))
                 raise ApiError(502, f"the {self.name} provider rejected the API key "
-                                    f"(HTTP {status}); store a valid one with: "
-                                    f"python aibutler.py vault set {self.key_name}")
+                                    f"(HTTP {status}); the operator must store a valid one "
+                                    f"with `vault set {self.key_name}`")
             if status not in self.RETRIED:
                 raise ApiError(502, f"the {self.name} model server refused the request "
                                     f"(HTTP {status}): {provider_message(body)}")
@@ -1888,7 +2139,13 @@ def key_reused():
 class WorkerPool:
     """Threads that each run `work()` until stop; `work()` returns False when it
     found nothing to do, and the thread then sleeps until notified (or `poll`
-    seconds pass). Tracks what each thread is doing, for the watchdog."""
+    seconds pass). Tracks what each thread is doing, for the watchdog.
+
+    An item whose state a failed write could not record (a full disk) stays
+    'running' or 'sending' in sqlite; `rescue(held)` puts such items back in
+    line RESCUE_AFTER seconds later, and again until a write succeeds."""
+
+    RESCUE_AFTER = 5.0
 
     def __init__(self, name, count, poll=1.0):
         self.name = name
@@ -1898,6 +2155,9 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._threads = []
         self._busy_since = {}
+        self._holding = {}  # thread name -> the item (seq) it has in hand
+        self._stranded_at = None
+        self._rescue_lock = threading.Lock()
         self._drain_until = None
 
     def start(self):
@@ -1910,6 +2170,10 @@ class WorkerPool:
     def notify(self):
         self.signal.notify()
 
+    def hold(self, seq):
+        """Called by work() once it has claimed an item."""
+        self._holding[threading.current_thread().name] = seq
+
     def stop(self, deadline, drain=False):
         """Finish the items in hand; with drain, keep taking items that are ready
         until none is or the deadline passes. What is left stays in sqlite."""
@@ -1918,10 +2182,11 @@ class WorkerPool:
         self.signal.notify(len(self._threads))
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        left = [t.name for t in self._threads if t.is_alive()]
-        if left:
+        busy = sorted(name for name in list(self._holding)
+                      if any(t.name == name and t.is_alive() for t in self._threads))
+        if busy:
             log.warning("%s: still busy at shutdown, left for the next start: %s",
-                        self.name, ", ".join(left))
+                        self.name, ", ".join(busy))
         self._threads = []
 
     def healthy(self, wedged_after):
@@ -1934,18 +2199,48 @@ class WorkerPool:
     def _loop(self):
         me = threading.current_thread().name
         while not self._should_exit():
+            self._rescue_stranded()
             try:
                 self._busy_since[me] = time.monotonic()
                 did_work = self.work()
-            except Exception:  # keep the thread alive; the item stays in sqlite for later
-                log.exception("%s: unexpected error", me)
+            except Exception as exc:  # keep the thread alive; the item stays in sqlite
+                if isinstance(exc, sqlite3.Error) and is_storage_failure(exc):
+                    log.error("%s: cannot write the database (%s); what it had in hand goes "
+                              "back in line in %gs", me, storage_problem(exc),
+                              self.RESCUE_AFTER)
+                else:
+                    log.exception("%s: unexpected error", me)
+                self._stranded_at = time.monotonic()
                 did_work = False
             finally:
                 self._busy_since.pop(me, None)
+                self._holding.pop(me, None)
             if not did_work:
                 if self._stopping.is_set():
                     break
                 self.signal.wait(self.next_wait())
+
+    def _rescue_stranded(self):
+        failed_at = self._stranded_at
+        if failed_at is None or time.monotonic() - failed_at < self.RESCUE_AFTER:
+            return
+        with self._rescue_lock:
+            if self._stranded_at != failed_at:
+                return  # another thread did it, or a newer failure waits its turn
+            try:
+                count = self.rescue(lambda: set(self._holding.values()))
+            except sqlite3.Error as exc:
+                log.error("%s: still cannot write the database (%s); trying again in %gs",
+                          self.name, storage_problem(exc), self.RESCUE_AFTER)
+                self._stranded_at = time.monotonic()
+                return
+            self._stranded_at = None
+        if count:
+            log.info("%s: %d item(s) back in line after a failed write", self.name, count)
+            self.signal.notify(count)
+
+    def rescue(self, held):
+        raise NotImplementedError
 
     def _should_exit(self):
         if not self._stopping.is_set():
@@ -1969,8 +2264,11 @@ class TurnWorkers(WorkerPool):
         self.agent = agent
         self.dispatcher = dispatcher
 
+    def rescue(self, held):
+        return self.store.requeue("jobs", held)
+
     def work(self):
-        job = self.store.claim_job()
+        job = self.store.claim_job(self.hold)
         if job is None:
             return False
         request = json.loads(job["request"])
@@ -1984,13 +2282,24 @@ class TurnWorkers(WorkerPool):
         except ApiError as exc:
             log.warning("turn %s failed: %s", job["message_id"], exc.description)
             body["error"] = exc.as_dict()
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error) and is_storage_failure(exc):
+                raise  # not the sender's problem: the job goes back in line
             log.exception("turn %s failed unexpectedly", job["message_id"])
             body["error"] = error_dict(500, "the agent failed unexpectedly; the daemon's log "
                                             "has the details")
         self.store.finish_job(job, body)
         self.dispatcher.notify()
         return True
+
+
+def attempt_error(exc):
+    """Why an attempt failed, without the URL: its user info, path and query
+    often hold tokens, and some exceptions (http.client.InvalidURL) quote them."""
+    if isinstance(exc, OSError):
+        return "network error: " + ("timed out" if is_timeout(exc) else network_reason(exc))
+    return (f"cannot send: {type(exc).__name__} (is [channels.webhook] outbound_url a URL "
+            "that can be used as it is?)")
 
 
 class CallbackDispatcher(WorkerPool):
@@ -2024,8 +2333,11 @@ class CallbackDispatcher(WorkerPool):
             return self.poll
         return min(self.poll, max(0.01, due - self.clock()))
 
+    def rescue(self, held):
+        return self.store.requeue("deliveries", held)
+
     def work(self):
-        row = self.store.claim_delivery()
+        row = self.store.claim_delivery(self.hold)
         if row is None:
             return False
         self.deliver(row)
@@ -2057,9 +2369,8 @@ class CallbackDispatcher(WorkerPool):
         try:
             status, headers, _ = http_post(url, body, self.headers(row["message_id"], body),
                                            self.config.webhook.callback_timeout)
-        except OSError as exc:
-            reason = "timed out" if is_timeout(exc) else network_reason(exc)
-            self._retry(row, attempt, f"network error: {reason}")
+        except Exception as exc:  # whatever went wrong, it is a failed attempt
+            self._retry(row, attempt, attempt_error(exc))
             return
         if 200 <= status < 300:
             self.store.delivery_done(row["seq"])
@@ -2090,9 +2401,10 @@ class CallbackDispatcher(WorkerPool):
     def _fail(self, row, attempt, error):
         self.store.delivery_failed(row["seq"], error)
         self.metrics.inc("aibutler_deliveries_total", (("outcome", "failed"),))
-        log.error("delivery %s: FAILED for good after attempt %d: %s. "
-                  "Retry it with: python aibutler.py deliveries retry %s",
-                  row["message_id"], attempt, error, row["message_id"])
+        log.error("delivery %s: FAILED for good after attempt %d: %s. Retry it with: %s",
+                  row["message_id"], attempt, error, command_hint(
+                      os.path.dirname(self.store.path), "deliveries", "retry",
+                      row["message_id"]))
 
 
 # ============================================================================
@@ -2138,13 +2450,15 @@ class Authenticator:
     same secret) and throttles client addresses that keep failing."""
 
     FAILURES_ALLOWED, FAILURE_WINDOW, BLOCK_FOR = 10, 60.0, 60.0
+    MAX_ADDRESSES = 10000  # remembered failing or blocked addresses, each table
     SIGNATURE_TOLERANCE = 300
 
-    def __init__(self, config, vault, store, metrics=None):
+    def __init__(self, config, vault, store, metrics=None, clock=time.time):
         self.config = config
         self.vault = vault
         self.store = store
         self.metrics = metrics or Metrics()
+        self.clock = clock
         self._failures = {}
         self._blocked = {}
         self._lock = threading.Lock()
@@ -2161,72 +2475,74 @@ class Authenticator:
         return address
 
     def check(self, req):
-        """Before the body is read. Returns "signature" when the request is signed
-        instead (verify_signature then needs the body); raises 401/429."""
-        client = self.client_address(req)
-        wait = self._blocked_for(client)
-        if wait:
-            req.context.quiet = True  # a blocked client must not flood the journal
-            self.metrics.inc("aibutler_rate_limited_total", (("scope", "auth_failures"),))
-            raise ApiError(429, "too many failed authentications from this address",
-                           retry_after=math.ceil(wait))
+        """Before the body is read. Returns "secret", or "signature" when the
+        request is signed instead (verify_signature then needs the body); raises
+        401, or 429 for a wrong or missing secret from a blocked address. The
+        right secret is never refused: behind a proxy, a blocked address may be
+        everybody's."""
         given = req.get_header("X-Aibutler-Secret")
         if given is None and req.get_header("webhook-signature"):
             return "signature"
         if given and any(hmac.compare_digest(given.encode(), s.encode())
                          for s in self.secrets()):
             return "secret"
-        self.failed(client, "missing" if given is None else "wrong")
+        raise self.failed(req, "missing" if given is None else "wrong")
 
     def verify_signature(self, req, body):
-        client = self.client_address(req)
         webhook_id = req.get_header("webhook-id") or ""
         timestamp = req.get_header("webhook-timestamp") or ""
         given = (req.get_header("webhook-signature") or "").split()
-        if not webhook_id or not timestamp.isdigit():
-            self.failed(client, "signed without webhook-id/webhook-timestamp")
-        if abs(time.time() - int(timestamp)) > self.SIGNATURE_TOLERANCE:
-            self.failed(client, "signature timestamp more than 5 minutes off")
+        if not webhook_id or not re.fullmatch(r"[0-9]{1,20}", timestamp):
+            raise self.failed(req, "signed without webhook-id or a numeric webhook-timestamp")
+        if abs(self.clock() - int(timestamp)) > self.SIGNATURE_TOLERANCE:
+            raise self.failed(req, f"signature timestamp more than "
+                                   f"{self.SIGNATURE_TOLERANCE // 60} minutes off")
         expected = {sign_payload(s, webhook_id, timestamp, body) for s in self.secrets()}
         if not any(hmac.compare_digest(g.encode(), e.encode()) for g in given for e in expected):
-            self.failed(client, "bad signature")
+            raise self.failed(req, "bad signature")
         if self.store.signature_seen(webhook_id, timestamp, 2 * self.SIGNATURE_TOLERANCE):
-            self.failed(client, "replayed signed request")
+            raise self.failed(req, "replayed signed request")
 
     def secrets(self):
         return accepted_secrets(self.vault, self.config.webhook.previous_secret_grace)
 
-    def failed(self, client, why):
-        self.metrics.inc("aibutler_auth_failures_total")
+    def failed(self, req, why):
+        """Count a failed authentication; returns the error to raise: 401, or a
+        quiet 429 while the address is blocked."""
+        client = self.client_address(req)
         now = time.monotonic()
         with self._lock:
+            blocked_until = self._blocked.get(client, 0)
+            if blocked_until > now:
+                req.context.quiet = True  # a blocked client must not flood the journal
+                self.metrics.inc("aibutler_rate_limited_total", (("scope", "auth_failures"),))
+                return ApiError(429, "too many failed authentications from this address",
+                                retry_after=math.ceil(blocked_until - now))
+            self.metrics.inc("aibutler_auth_failures_total")
             recent = [t for t in self._failures.get(client, ()) if now - t < self.FAILURE_WINDOW]
             recent.append(now)
             self._failures[client] = recent
-            if len(self._failures) > 10000:
-                self._failures = {c: v for c, v in self._failures.items()
-                                  if now - v[-1] < self.FAILURE_WINDOW}
+            self._prune(now)
             if len(recent) >= self.FAILURES_ALLOWED:
                 self._blocked[client] = now + self.BLOCK_FOR
                 self._failures.pop(client, None)
-                log.warning("auth: %d failed attempts from %s within %ds; refusing it for %ds",
-                            len(recent), client, self.FAILURE_WINDOW, self.BLOCK_FOR)
+                log.warning("auth: %d failed attempts from %s within %ds; refusing its wrong "
+                            "secrets for %ds", len(recent), client, self.FAILURE_WINDOW,
+                            self.BLOCK_FOR)
             elif len(recent) == 1:
-                log.warning("auth: rejected a request from %s (%s secret)", client, why)
-        raise ApiError(401, "missing or wrong X-Aibutler-Secret header (check for trailing "
-                            "newlines or whitespace in the secret)"
-                       if why in ("missing", "wrong") else f"authentication failed: {why}")
+                log.warning("auth: rejected a request from %s (%s)", client, why
+                            if why not in ("missing", "wrong") else f"{why} secret")
+        return ApiError(401, "missing or wrong X-Aibutler-Secret header (check for trailing "
+                             "newlines or whitespace in the secret)"
+                        if why in ("missing", "wrong") else f"authentication failed: {why}")
 
-    def _blocked_for(self, client):
-        until = self._blocked.get(client)
-        if until is None:
-            return 0
-        left = until - time.monotonic()
-        if left <= 0:
-            with self._lock:
-                self._blocked.pop(client, None)
-            return 0
-        return left
+    def _prune(self, now):
+        """Both tables stay bounded whatever the number of addresses (under the lock)."""
+        if len(self._failures) > self.MAX_ADDRESSES:
+            self._failures = {c: v for c, v in self._failures.items()
+                              if now - v[-1] < self.FAILURE_WINDOW}
+        if len(self._blocked) > self.MAX_ADDRESSES:
+            self._blocked = {c: until for c, until in self._blocked.items() if until > now}
 
 
 def ip_in(address, networks):
@@ -2246,9 +2562,34 @@ def parse_body(raw):
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text)
+        return loads_json(text)
+    except RecursionError:
+        raise ApiError(400, "the JSON is nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+
+
+MAX_NESTING = 32  # levels of objects and lists in a message; the model needs few
+
+
+def check_strings(value, field, depth=0):
+    """422 for what sqlite and strict JSON parsers refuse: a lone surrogate
+    ("\\ud800") in any string, and nesting deeper than MAX_NESTING."""
+    if depth > MAX_NESTING:
+        raise ApiError(422, f"{field} is nested deeper than {MAX_NESTING} levels", field=field)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, f"{field} holds a lone surrogate (\\ud800-\\udfff), which is "
+                                "not text", field=field) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_strings(key, field, depth + 1)
+            check_strings(item, f"{field}.{key}" if key.isidentifier() else field, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_strings(item, f"{field}[{index}]", depth + 1)
 
 
 def validate_message(data):
@@ -2262,6 +2603,8 @@ def validate_message(data):
         raise ApiError(422, "user_id is longer than 256 characters", field="user_id")
     if not isinstance(message, str) or not message.strip():
         raise ApiError(422, "message is required: a non-empty string", field="message")
+    for field in ("user_id", "message", "metadata", "session_id", "attachments"):
+        check_strings(data.get(field), field)
     request = {"user_id": user_id, "message": message}
     metadata = data.get("metadata")
     if metadata is not None:
@@ -2289,10 +2632,9 @@ def validate_attachments(attachments):
         field = f"attachments[{i}]"
         if not isinstance(item, dict):
             raise ApiError(422, f"{field} must be an object {{url, type?, name?}}", field=field)
-        url = item.get("url")
-        if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https") \
-                or not urllib.parse.urlsplit(url).netloc:
+        if not is_http_url(item.get("url")):
             raise ApiError(422, f"{field}.url must be an http(s) URL", field=field + ".url")
+        url = item["url"]
         entry = {"url": url}
         for key in ("type", "name"):
             if item.get(key) is not None:
@@ -2301,6 +2643,18 @@ def validate_attachments(attachments):
                 entry[key] = item[key]
         checked.append(entry)
     return checked
+
+
+def is_http_url(url):
+    """An absolute http(s) URL with a host that parses (port, IPv6 brackets)."""
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def is_json_media_type(content_type):
@@ -2429,6 +2783,21 @@ def handle_api_error(req, resp, exc, params):
     write_error(resp, exc.status, exc.description, field=exc.field, retry_after=exc.retry_after)
 
 
+STORAGE_RETRY_AFTER = 30  # seconds a sender is asked to wait when the disk failed us
+
+
+def handle_storage_error(req, resp, exc, params):
+    """A full disk or an unwritable database is not a bug: 503, say why, and
+    nothing was promised (a 202 is only sent after its COMMIT)."""
+    if not is_storage_failure(exc):
+        handle_unexpected(req, resp, exc, params)
+        return
+    problem = storage_problem(exc)
+    log.error("storage: %s: %s", problem, one_line(exc))
+    write_error(resp, 503, f"the message was not stored: {problem}; try again later",
+                retry_after=STORAGE_RETRY_AFTER)
+
+
 def handle_unexpected(req, resp, exc, params):
     log.error("unhandled error on %s %s", req.method, req.path, exc_info=exc)
     write_error(resp, 500, "internal error; the daemon's log has the details")
@@ -2439,6 +2808,7 @@ def create_app(butler):
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_falcon_error)
     app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(sqlite3.Error, handle_storage_error)
     app.add_error_handler(ApiError, handle_api_error)
     if butler.config.webhook_enabled:
         app.add_route(butler.config.webhook.path, WebhookResource(butler))
@@ -2514,7 +2884,8 @@ class Butler:
         limit = self.wedged_after()
         return {"workers": self.workers.healthy(limit),
                 "dispatchers": self.dispatcher.healthy(limit),
-                "queue": self.store.pending_jobs() < self.config.delivery.max_pending}
+                "queue": self.store.pending_jobs() < self.config.delivery.max_pending,
+                "storage": self.store.writable()}
 
     def reload(self, config):
         """Apply a re-read config file (SIGHUP) to the running parts."""
@@ -2583,18 +2954,25 @@ class Daemon:
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # no "Task queue depth" floods
         if ensure_webhook_secret(self.vault):
             log.warning("webhook: no %s was set, so a new one was generated and stored in the "
-                        "vault. Print it with: python aibutler.py vault get %s",
-                        SECRET_NAME, SECRET_NAME)
+                        "vault. Print it with: %s", SECRET_NAME, command_hint(
+                            os.path.dirname(self.vault.path), "vault", "get", SECRET_NAME,
+                            env=self.env))
         server_cfg = config.server
         try:
+            # X-Forwarded-* reach the app, which believes them only from
+            # [server] trusted_proxies (waitress's own option takes one address).
             server = waitress.create_server(
                 self.wsgi(create_app(butler)), host=server_cfg.host, port=server_cfg.port,
                 threads=server_cfg.threads, connection_limit=server_cfg.connection_limit,
-                channel_timeout=int(server_cfg.channel_timeout), ident="",
+                channel_timeout=math.ceil(server_cfg.channel_timeout), ident="",
+                clear_untrusted_proxy_headers=False,
                 max_request_body_size=2 * server_cfg.max_body_bytes + 65536)
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", server_cfg.host, server_cfg.port, exc)
-            return EXIT_FAILURE
+            log.error("cannot listen on %s:%d: %s (exit %d: systemd does not restart it; "
+                      "free the port or set [server] port)", server_cfg.host, server_cfg.port,
+                      one_line(exc), EXIT_CANNOT_LISTEN)
+            return EXIT_CANNOT_LISTEN
+        self.guard = ConnectionGuard(server, lambda: self.config.server)  # reload-aware
         for signum in (signal.SIGTERM, signal.SIGINT):  # before anyone can see us listening
             signal.signal(signum, self._on_stop_signal(server))
         signal.signal(signal.SIGHUP, self._on_reload_signal(server))
@@ -2643,9 +3021,13 @@ class Daemon:
     def _serve(self, server):
         """waitress's own loop, one poll at a time, so a stop can be graceful."""
         loop = server.asyncore.loop
+        next_sweep = 0.0
         while not self.stop_requested.is_set():
             loop(timeout=1.0, map=server._map, use_poll=True, count=1)
-            self.loop_beat = time.monotonic()
+            self.loop_beat = now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + ConnectionGuard.SWEEP_EVERY
+                self.guard.sweep(now)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self._reload()
@@ -2724,10 +3106,72 @@ class Daemon:
 
     def problems(self):
         found = [name + " not healthy" for name, ok in self.butler.readiness().items()
-                 if not ok and name != "queue"]
+                 if not ok and name not in ("queue", "storage")]  # a restart fixes neither
         if time.monotonic() - self.loop_beat > 30:
             found.append("the HTTP server loop is stuck")
         return found
+
+
+class ConnectionGuard:
+    """What waitress lacks against slow or greedy clients, so that one address
+    cannot take the service down: at most [server] client_connection_limit open
+    connections per client address (trusted proxies exempt), and [server]
+    header_timeout to send a request's headers (waitress's channel_timeout only
+    counts silence, which a client trickling a byte every few seconds never
+    keeps). Runs in waitress's loop thread, the only one that touches channels.
+
+    waitress internals used here and in Daemon (the loop, `_map`, `channel_class`,
+    a channel's `request` and `will_close`): checked by CI on waitress 2.1 and 3.x."""
+
+    SWEEP_EVERY = 1.0  # seconds between looks at half-received requests
+    WARN_EVERY = 60.0  # seconds between log lines about refused connections
+
+    def __init__(self, server, settings):
+        self.server = server
+        self.settings = settings  # () -> the [server] section in force
+        self._channel_class = server.channel_class
+        server.channel_class = self.admit  # waitress calls it for each accepted socket
+        self._seen = {}  # channel -> (its request parser, when first seen unfinished)
+        self._warned = -math.inf
+
+    def admit(self, server, conn, addr, adj, map=None):
+        host = addr[0] if isinstance(addr, tuple) else ""
+        settings = self.settings()
+        limit = settings.client_connection_limit
+        if limit and host and not ip_in(host, settings.trusted_proxies):
+            open_now = sum(1 for channel in list(server._map.values())
+                           if getattr(channel, "addr", None) and channel.addr[0] == host)
+            if open_now >= limit:
+                conn.close()
+                self._warn(f"refused a connection from {host}: it has {open_now} open "
+                           "([server] client_connection_limit)")
+                return None
+        return self._channel_class(server, conn, addr, adj, map=map)
+
+    def sweep(self, now):
+        timeout = self.settings().header_timeout
+        seen = {}
+        for channel in list(self.server._map.values()):
+            request = getattr(channel, "request", None)
+            if request is None or request.headers_finished:
+                continue
+            parser, since = self._seen.get(channel, (request, now))
+            if parser is not request:
+                since = now
+            if now - since > timeout:
+                channel.will_close = True
+                self._warn(f"closed a connection from {channel.addr[0]} that took over "
+                           f"{timeout:g}s to send its headers "
+                           "([server] header_timeout)")
+            else:
+                seen[channel] = (request, since)
+        self._seen = seen
+
+    def _warn(self, message):
+        now = time.monotonic()
+        if now - self._warned >= self.WARN_EVERY:
+            self._warned = now
+            log.warning("connections: %s", message)
 
 
 def pending_output(server):
@@ -2752,7 +3196,7 @@ def build_parser():
     run.add_argument("--config", metavar="FILE", help="config file (default: $AIBUTLER_CONFIG, "
                                                       "else <data>/config.ini if present)")
     run.add_argument("--host", help="address to listen on (overrides [server] host)")
-    run.add_argument("--port", type=int, help="port to listen on, 0 for any free one")
+    run.add_argument("--port", type=port_argument, help="port to listen on, 0 for any free one")
     run.set_defaults(func=cmd_run)
 
     vault = commands.add_parser("vault", help="manage secrets (webhook_auth_secret, API keys)")
@@ -2792,6 +3236,13 @@ def build_parser():
     return parser
 
 
+def port_argument(text):
+    try:
+        return parse_int_between(0, 65535)(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def duration_argument(text):
     try:
         return parse_duration(text)
@@ -2812,10 +3263,57 @@ def open_store(data_dir):
     return Store(os.path.join(ensure_data_dir(data_dir), "aibutler.db"))
 
 
-def setup_logging(level):
-    timestamps = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=timestamps + "%(levelname)s %(name)s: %(message)s")
+class LogFormatter(logging.Formatter):
+    """Log lines an attacker cannot forge: control characters and newlines in a
+    message (paths, user ids, errors from requests) are escaped. Under systemd's
+    journal each line starts with its syslog priority (<3> error ... <7> debug),
+    which SyslogLevelPrefix= (on by default) reads, and has no timestamp
+    (journald adds its own)."""
+
+    PRIORITIES = ((logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+    def __init__(self, journal):
+        super().__init__(("" if journal else "%(asctime)s ")
+                         + "%(levelname)s %(name)s: %(message)s")
+        self.journal = journal
+
+    def formatMessage(self, record):
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record):
+        """A traceback's lines are indented (and prefixed), so none can pass for
+        a line of its own whatever the exception's message says."""
+        first, *rest = super().format(record).split("\n")
+        prefix = ""
+        if self.journal:
+            prefix = f"<{next((p for lv, p in self.PRIORITIES if record.levelno >= lv), 7)}>"
+        return "\n".join([prefix + first] + [f"{prefix}  {printable(line)}" for line in rest])
+
+
+def printable(text):
+    """Control characters (newlines, ESC, DEL, C1, Unicode line breaks) as escapes."""
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def on_journal(env, stream):
+    """True when `stream` is the journal's: $JOURNAL_STREAM names its device and
+    inode (an inherited variable with stderr redirected elsewhere does not)."""
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind the stream
+        return False
+    return env.get("JOURNAL_STREAM") == f"{info.st_dev}:{info.st_ino}"
+
+
+def setup_logging(level, env=None):
+    env = os.environ if env is None else env
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(journal=on_journal(env, sys.stderr)))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def cmd_run(args):
@@ -2825,21 +3323,31 @@ def cmd_run(args):
     env = dict(os.environ)
     if args.host:
         env["AIBUTLER_HOST"] = args.host
-    if args.port is not None:
-        env["AIBUTLER_PORT"] = str(args.port)
     try:
         config = load_config(args.config, env)
+        if args.port is not None:  # 0 (any free port) only from the command line
+            config.server.port = args.port
+        check_listen_address(config.server)
     except ConfigError as exc:
         return fail(f"bad configuration: {exc}", EXIT_CONFIG)
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, env)
     data_dir = ensure_data_dir(data_dir_from_env(env))
+    vault = open_vault(env)
+    for warning in data_dir_warnings(data_dir, fresh=not os.path.lexists(vault.path)):
+        log.warning("files: %s", warning)
+    store = open_store(data_dir)
+    return Daemon(config, vault, store, args.config, env).run()
+
+
+def check_listen_address(server):
+    """A host that does not parse or resolve is a config error, found before
+    anything is bound or generated."""
     try:
-        vault = open_vault(env)
-        store = open_store(data_dir)
-        return Daemon(config, vault, store, args.config, env).run()
-    except (VaultError, sqlite3.Error) as exc:
-        log.error("%s", exc)
-        return EXIT_FAILURE
+        socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM,
+                           flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"[server] host = {server.host!r}: cannot listen there "
+                          f"({one_line(exc)})") from None
 
 
 def read_secret_value(args):
@@ -2968,8 +3476,10 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return args.func(args)
-    except VaultError as exc:
+    except (VaultError, DataDirError) as exc:
         return fail(str(exc))
+    except sqlite3.Error as exc:
+        return fail(f"the database in {data_dir_from_env()} cannot be used: {one_line(exc)}")
     except KeyboardInterrupt:
         return fail("interrupted")
 

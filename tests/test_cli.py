@@ -128,8 +128,12 @@ def test_sync_round_trip_logs_and_clean_stop(daemon):
 
 
 def test_environment_overrides_host_and_port(daemon):
-    d = daemon(env={"AIBUTLER_PORT": "0"})
-    d.start("--host", "127.0.0.1")
+    d = daemon(env={"AIBUTLER_PORT": "70000"})
+    result = d.cli("run", check=False)  # the variable is read, and checked like the file
+    assert result.returncode == 78
+    assert "environment variable AIBUTLER_PORT = '70000'" in result.stderr
+    d.env["AIBUTLER_PORT"] = "3377"
+    d.start("--host", "127.0.0.1")  # --port 0 (any free port) beats the variable
     status, _, body = d.get("/healthz")
     assert status == 200 and body["status"] == "ok"
     assert d.stop() == 0
