@@ -1179,6 +1179,34 @@ def http_post(url, body, headers, timeout):
             return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
 
 
+def http_get(url, headers, timeout):
+    """GET, answered like http_post, all within `timeout` seconds: a server that
+    trickles its answer is cut off then (give or take one socket read)."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers=headers, method="GET")
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return response.status, response.headers, read_body(response, deadline)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, read_body(exc, deadline)
+
+
+def read_body(response, deadline):
+    """At most MAX_RESPONSE_BYTES, read as they come; socket.timeout past the deadline."""
+    chunks, size = [], 0
+    read = getattr(response, "read1", response.read)
+    while size < MAX_RESPONSE_BYTES:
+        if time.monotonic() >= deadline:
+            raise socket.timeout("the answer was still arriving at the deadline")
+        chunk = read(min(65536, MAX_RESPONSE_BYTES - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def is_timeout(exc):
     return isinstance(exc, socket.timeout) or isinstance(getattr(exc, "reason", None),
                                                          socket.timeout)
