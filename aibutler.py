@@ -745,12 +745,47 @@ class Store:
                        (user_id, fact, self.clock()))
 
     def recall(self, user_id, query="", limit=20):
+        """This user's facts, newest first; with a query, only those sharing a
+        word with it (see words_in), the ones sharing the most first."""
         rows = self.conn().execute(
             "SELECT fact FROM memories WHERE user_id=? ORDER BY id DESC", (user_id,)).fetchall()
-        words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 2]
-        facts = [row["fact"] for row in rows
-                 if not words or any(w in row["fact"].lower() for w in words)]
+        words = self.recall_words(query)
+        facts = [row["fact"] for row in rows]
+        if words:
+            scored = [(self.words_in(words, fact), fact) for fact in facts]
+            facts = [fact for score, fact in sorted(scored, key=lambda pair: -pair[0]) if score]
         return facts[:limit]
+
+    # Words that would make "what is my wifi password?" match every fact.
+    RECALL_STOP_WORDS = frozenset(
+        "about again all and any are can could did does done for from had has have her "
+        "here him his how its just know let may might mine now our please recall "
+        "remember she should some tell than that the their them then there these they "
+        "this those was were what whats when where which who whom why will with would "
+        "you your yours".split())
+
+    @classmethod
+    def recall_words(cls, text):
+        """The words of a query that tell facts apart: 3+ letters, not stop words."""
+        words = re.findall(r"\w+", text.lower())
+        return list(dict.fromkeys(word for word in words
+                                  if len(word) > 2 and word not in cls.RECALL_STOP_WORDS))
+
+    @staticmethod
+    def word_forms(text):
+        """Its words with their plain forms: 'parked keys' -> parked, park, keys, key."""
+        forms = set()
+        for word in re.findall(r"\w+", text.lower()):
+            forms.add(word)
+            forms.update(word[:-len(end)] for end in ("s", "es", "ed", "ing")
+                         if word.endswith(end) and len(word) - len(end) >= 3)
+        return forms
+
+    @classmethod
+    def words_in(cls, words, fact):
+        """How many of the words the fact has, in some form ('park' is in 'parked')."""
+        forms = cls.word_forms(fact)
+        return sum(bool(cls.word_forms(word) & forms) for word in words)
 
     # --- idempotency -------------------------------------------------------------
 
@@ -1506,7 +1541,8 @@ class BuiltinModel:
     HELP = ("I'm AI Butler. Without a language model I can: tell the time and date "
             "(\"what time is it?\"), give the current weather (\"what's the weather in "
             "Madrid?\"), calculate (\"what is 17 * 23?\"), remember facts (\"remember that "
-            "my locker is 42\") and recall them (\"what do you remember?\").")
+            "my locker is 42\") and recall them (\"what is my locker?\", \"what do you "
+            "remember?\").")
     NO_PLACE = ("Where are you? Tell me a town or city (\"what's the weather in Madrid?\") "
                 "and I'll look it up.")
     WEATHER_OFF = ("I can't look up the weather here: the weather tool is turned off "
@@ -1532,6 +1568,8 @@ class BuiltinModel:
                             r"afternoon|evening)|like|please)$", re.I)
     NOT_A_PLACE = re.compile(r"^(the )?(moment|now|today|tonight|tomorrow|weekend|morning|"
                              r"afternoon|evening|here|me|us|area|outside)$|^(my|our|this) ", re.I)
+    QUESTION = re.compile(r"\?\s*$|^\s*(what|where|when|who|which|why|how|do|does|did|is|"
+                          r"are|was|were|can|could|tell me|remind me)\b", re.I)
 
     def complete(self, system, messages, tools):
         last = messages[-1]
@@ -1565,6 +1603,9 @@ class BuiltinModel:
             return ModelReply("Hello! " + self.HELP)
         if self.HELP_RE.search(text):
             return ModelReply(self.HELP)
+        words = Store.recall_words(text)
+        if words and self.QUESTION.search(text):  # maybe something the user told us
+            return call("recall", query=" ".join(words))
         return ModelReply(self.NO_MODEL)
 
     def _expression(self, text):
@@ -1589,6 +1630,8 @@ class BuiltinModel:
             if message["role"] != "tool":
                 break
             results.append((message["name"], json.loads(message["content"])))
+        question = next(m.get("text", m["content"]) for m in reversed(messages)
+                        if m["role"] == "user")
         sentences = []
         for name, result in reversed(results):
             if "error" in result and name == "weather":
@@ -1602,6 +1645,8 @@ class BuiltinModel:
                 sentences.append(f"{result['expression']} = {result['value']}")
             elif name == "remember":
                 sentences.append(f"OK, I'll remember that {result['remembered']}.")
+            elif name == "recall" and not self.RECALL.search(question):
+                sentences.append(self._answer_from_memory(question, result["facts"]))
             elif name == "recall":
                 facts = result["facts"]
                 sentences.append("Here's what I remember:\n" + "\n".join(f"- {f}" for f in facts)
@@ -1611,6 +1656,28 @@ class BuiltinModel:
             else:
                 sentences.append(f"Done: {name}.")
         return " ".join(sentences)
+
+    def _answer_from_memory(self, question, facts):
+        """A question answered from the facts sharing the most words with it."""
+        if not facts:
+            return self.NO_MODEL
+        words = Store.recall_words(question)
+        most = max(Store.words_in(words, fact) for fact in facts)
+        best = [self._said_back(f) for f in facts if Store.words_in(words, f) == most][:3]
+        if len(best) == 1:
+            return best[0][:1].upper() + best[0][1:] + "."
+        return "From what you told me: " + "; ".join(best) + "."
+
+    @staticmethod
+    def _said_back(fact):
+        """A fact in the user's words, said back to them: 'my car is on level 3'
+        becomes 'your car is on level 3'."""
+        text = re.sub(r"\bI (am|was)\b", lambda m: "you " + {"am": "are", "was": "were"}[
+            m.group(1).lower()], fact.strip().rstrip(".!"), flags=re.I)
+        text = re.sub(r"\bI(['’])m\b", r"you\1re", text, flags=re.I)
+        return re.sub(r"\b(I|me|my|mine|myself)\b", lambda m: {
+            "i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "yourself"}[
+            m.group(1).lower()], text, flags=re.I)
 
     @staticmethod
     def _weather_sentence(weather):

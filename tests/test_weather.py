@@ -1,5 +1,6 @@
 """The weather tool against loopback fakes of Open-Meteo's two APIs (answering
-in their real shapes), and the builtin agent answering the page's example."""
+in their real shapes), the builtin agent answering the page's example, and the
+builtin agent recalling remembered facts when asked about them."""
 
 import json
 import threading
@@ -362,6 +363,42 @@ def test_tools_enabled_without_weather(app_for, receiver, open_meteo, tmp_path, 
         aibutler.load_config(str(config), env={}, data_dir=str(tmp_path))
     assert aibutler.main(["run", "--config", str(config)]) == aibutler.EXIT_CONFIG
     assert "teleport" in capsys.readouterr().err
+
+
+# --- the builtin agent remembers like a person -----------------------------------
+
+def test_builtin_answers_questions_from_what_it_remembers(app_for):
+    client = app_for()
+    for fact in ("my wifi password is hunter2", "my car is parked on level 3",
+                 "I am allergic to peanuts", "my bank password is 0000"):
+        say(client, f"remember that {fact}")
+    result = say(client, "what is my wifi password?")
+    assert result["reply"] == "Your wifi password is hunter2."
+    assert result["tool_calls"][0]["name"] == "recall"
+    assert result["tool_calls"][0]["arguments"] == {"query": "wifi password"}
+    assert result["tool_calls"][0]["result"]["facts"][0] == "my wifi password is hunter2"
+    assert say(client, "Where is my car parked?")["reply"] == "Your car is parked on level 3."
+    assert say(client, "where did I park the car")["reply"] == "Your car is parked on level 3."
+    assert say(client, "What am I allergic to?")["reply"] == "You are allergic to peanuts."
+    assert say(client, "what are my passwords?")["reply"] == (
+        "From what you told me: your bank password is 0000; your wifi password is hunter2.")
+    # stop words match nothing; nothing matching is the honest answer
+    for question in ("what is my name?", "Who won the 1998 World Cup?"):
+        assert "without a language model" in say(client, question)["reply"]
+    assert "without a language model" in say(client, "what is my wifi password?",
+                                              user="someone-else")["reply"]
+    listed = say(client, "what do you remember?")["reply"]
+    assert listed.startswith("Here's what I remember:") and listed.count("\n- ") == 4
+
+
+def test_store_recall_puts_the_best_matches_first(store):
+    for fact in ("my wife is wonderful", "the wifi router is in the hall",
+                 "my wifi password is hunter2"):
+        store.remember("u", fact)
+    assert store.recall("u", "wifi password") == ["my wifi password is hunter2",
+                                                  "the wifi router is in the hall"]
+    assert store.recall("u", "who won?") == []  # "won" is not in "wonderful"
+    assert len(store.recall("u", "what is my")) == 3  # no telling words: everything
 
 
 def test_builtin_help_mentions_the_weather(app_for):
