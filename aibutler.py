@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 import argparse
 import ast
 import base64
+import collections
 import configparser
 import contextlib
 import datetime
@@ -251,6 +252,32 @@ def parse_names(text):
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
 
+# The tools build_tools can offer the model; [tools] enabled picks among them.
+TOOL_NAMES = ("current_time", "calculate", "remember", "recall", "weather", "webhook_send")
+
+
+def parse_tool_names(text):
+    """'all', or tool names separated by commas ('' = none): unknown names are errors."""
+    names = []
+    for name in parse_names(str(text).lower()):
+        if name == "all":
+            names.extend(TOOL_NAMES)
+        elif name in TOOL_NAMES:
+            names.append(name)
+        else:
+            raise ValueError(f"unknown tool {name!r}; expected all or some of: "
+                             + ", ".join(TOOL_NAMES))
+    return list(dict.fromkeys(names))
+
+
+def parse_base_url(text):
+    """An http(s) URL of a service's root, without the trailing slash; never empty."""
+    value = parse_url(text).rstrip("/")
+    if not value:
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
 DEFAULT_SYSTEM_PROMPT = ("You are AI Butler, a helpful assistant reached through a webhook. "
                          "Answer briefly and use the tools when they help.")
 
@@ -312,6 +339,12 @@ CONFIG_SCHEMA = {
         "max_pending": ("1000", parse_positive_int),
         "idempotency_ttl": ("24h", parse_duration),
     },
+    "tools": {
+        "enabled": ("all", parse_tool_names),
+        "units": ("metric", parse_choice("metric", "imperial")),
+        "weather_url": ("https://api.open-meteo.com", parse_base_url),
+        "geocoding_url": ("https://geocoding-api.open-meteo.com", parse_base_url),
+    },
 }
 
 # Environment variables that override a config key (the page documents the first two).
@@ -340,6 +373,12 @@ class Config:
     @property
     def async_mode(self):
         return bool(self.webhook.outbound_url)
+
+
+def section_defaults(section):
+    """One section's parsed defaults, for parts built without a Config (tests, tools)."""
+    return types.SimpleNamespace(**{key: parse(default) for key, (default, parse)
+                                    in CONFIG_SCHEMA[section].items()})
 
 
 def data_dir_from_env(env=None):
@@ -893,12 +932,47 @@ class Store:
                        (user_id, fact, self.clock()))
 
     def recall(self, user_id, query="", limit=20):
+        """This user's facts, newest first; with a query, only those sharing a
+        word with it (see words_in), the ones sharing the most first."""
         rows = self.conn().execute(
             "SELECT fact FROM memories WHERE user_id=? ORDER BY id DESC", (user_id,)).fetchall()
-        words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 2]
-        facts = [row["fact"] for row in rows
-                 if not words or any(w in row["fact"].lower() for w in words)]
+        words = self.recall_words(query)
+        facts = [row["fact"] for row in rows]
+        if words:
+            scored = [(self.words_in(words, fact), fact) for fact in facts]
+            facts = [fact for score, fact in sorted(scored, key=lambda pair: -pair[0]) if score]
         return facts[:limit]
+
+    # Words that would make "what is my wifi password?" match every fact.
+    RECALL_STOP_WORDS = frozenset(
+        "about again all and any are can could did does done for from had has have her "
+        "here him his how its just know let may might mine now our please recall "
+        "remember she should some tell than that the their them then there these they "
+        "this those was were what whats when where which who whom why will with would "
+        "you your yours".split())
+
+    @classmethod
+    def recall_words(cls, text):
+        """The words of a query that tell facts apart: 3+ letters, not stop words."""
+        words = re.findall(r"\w+", text.lower())
+        return list(dict.fromkeys(word for word in words
+                                  if len(word) > 2 and word not in cls.RECALL_STOP_WORDS))
+
+    @staticmethod
+    def word_forms(text):
+        """Its words with their plain forms: 'parked keys' -> parked, park, keys, key."""
+        forms = set()
+        for word in re.findall(r"\w+", text.lower()):
+            forms.add(word)
+            forms.update(word[:-len(end)] for end in ("s", "es", "ed", "ing")
+                         if word.endswith(end) and len(word) - len(end) >= 3)
+        return forms
+
+    @classmethod
+    def words_in(cls, words, fact):
+        """How many of the words the fact has, in some form ('park' is in 'parked')."""
+        forms = cls.word_forms(fact)
+        return sum(bool(cls.word_forms(word) & forms) for word in words)
 
     # --- idempotency -------------------------------------------------------------
 
@@ -1355,31 +1429,234 @@ def tool_recall(ctx, query=""):
     return {"facts": ctx.store.recall(ctx.user_id, query)}
 
 
-def build_tools(store, notifier=None, metrics=None):
-    """The tool registry every provider is offered. `notifier(ctx, message)` queues
-    a message to the outbound URL; webhook_send exists only when one is given."""
+# Open-Meteo's weather codes (WMO 4677, the subset it reports) in plain words, as
+# (by day, by night): clear daylight is what people call sunny.
+WMO_CONDITIONS = {
+    0: ("sunny", "clear"), 1: ("mostly sunny", "mostly clear"), 2: ("partly cloudy",) * 2,
+    3: ("overcast",) * 2, 45: ("fog",) * 2, 48: ("freezing fog",) * 2,
+    51: ("light drizzle",) * 2, 53: ("drizzle",) * 2, 55: ("dense drizzle",) * 2,
+    56: ("light freezing drizzle",) * 2, 57: ("dense freezing drizzle",) * 2,
+    61: ("light rain",) * 2, 63: ("rain",) * 2, 65: ("heavy rain",) * 2,
+    66: ("light freezing rain",) * 2, 67: ("heavy freezing rain",) * 2,
+    71: ("light snow",) * 2, 73: ("snow",) * 2, 75: ("heavy snow",) * 2,
+    77: ("snow grains",) * 2, 80: ("light rain showers",) * 2, 81: ("rain showers",) * 2,
+    82: ("violent rain showers",) * 2, 85: ("light snow showers",) * 2,
+    86: ("heavy snow showers",) * 2, 95: ("thunderstorms",) * 2,
+    96: ("thunderstorms with light hail",) * 2, 99: ("thunderstorms with heavy hail",) * 2,
+}
+WMO_SKY_CODES = (0, 1, 2, 3)  # words about the sky ("and sunny"); the rest fall ("with rain")
+
+
+def weather_condition(code, is_day=True):
+    words = WMO_CONDITIONS.get(code)
+    return words[0 if is_day else 1] if words else f"unknown conditions (WMO code {code})"
+
+
+class WeatherTool:
+    """Current weather from Open-Meteo (free, no API key): its geocoding API
+    turns a place name into coordinates, its forecast API gives the current
+    conditions there. One lookup (both calls) has `timeout` seconds in all;
+    answers are kept per place for CACHE_SECONDS, so a chat asking twice costs
+    one lookup. Every failure is a ToolError: the model hears it, the turn goes on."""
+
+    CACHE_SECONDS = 600
+    CACHE_PLACES = 256
+    TIMEOUT = 5.0
+    CURRENT = ("temperature_2m,apparent_temperature,relative_humidity_2m,is_day,"
+               "weather_code,wind_speed_10m")
+    NO_LOCATION = ("no location given and the message's metadata has none: ask the user "
+                   "where they are (a town or city), then call weather with it")
+
+    def __init__(self, weather_url, geocoding_url, units="metric", timeout=TIMEOUT,
+                 clock=time.monotonic):
+        self.weather_url = weather_url.rstrip("/")
+        self.geocoding_url = geocoding_url.rstrip("/")
+        self.imperial = units == "imperial"
+        self.timeout = timeout
+        self.clock = clock  # for the cache only; the network deadline is real time
+        self._cache = collections.OrderedDict()  # place key -> (expires, result), oldest first
+        self._lock = threading.Lock()
+
+    def __call__(self, ctx, location=None, latitude=None, longitude=None):
+        place = self._place(ctx.metadata, location, latitude, longitude)
+        key = (" ".join(place["name"].casefold().split()) if "name" in place
+               else (round(place["latitude"], 2), round(place["longitude"], 2)))
+        result = self._cached(key)
+        if result is None:
+            deadline = time.monotonic() + self.timeout
+            if "name" in place:
+                place = self._geocode(place["name"], deadline)
+            result = self._current(place, deadline)
+            self._keep(key, result)
+        return result
+
+    @classmethod
+    def _place(cls, metadata, location=None, latitude=None, longitude=None):
+        """{'name'} or {'latitude', 'longitude'}: from the arguments, else from the
+        message's metadata.location, else its metadata.latitude and .longitude."""
+        if location is not None and location.strip():
+            return {"name": location.strip()}
+        if latitude is not None or longitude is not None:
+            if latitude is None or longitude is None:
+                raise ToolError("give both latitude and longitude, or a location name")
+            return cls._coordinates(latitude, longitude)
+        if isinstance(metadata.get("location"), str) and metadata["location"].strip():
+            return {"name": metadata["location"].strip()[:200]}
+        try:
+            return cls._coordinates(float(metadata["latitude"]), float(metadata["longitude"]))
+        except (KeyError, TypeError, ValueError, ToolError):  # none, or none usable
+            raise ToolError(cls.NO_LOCATION) from None
+
+    @staticmethod
+    def _coordinates(latitude, longitude):
+        if not (-90 <= latitude <= 90 and -180 <= longitude <= 180):
+            raise ToolError("latitude must be -90 to 90 and longitude -180 to 180")
+        return {"latitude": latitude, "longitude": longitude}
+
+    def _cached(self, key):
+        with self._lock:
+            expires, result = self._cache.get(key, (0, None))
+            if expires <= self.clock():
+                self._cache.pop(key, None)
+                return None
+            self._cache.move_to_end(key)  # recently used: evicted last
+            return result
+
+    def _keep(self, key, result):
+        with self._lock:
+            self._cache[key] = (self.clock() + self.CACHE_SECONDS, result)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.CACHE_PLACES:
+                self._cache.popitem(last=False)
+
+    def _geocode(self, name, deadline):
+        """The best match for a place name; 'Paris, France' picks the Paris in France."""
+        town, _, within = (part.strip() for part in name.partition(","))
+        answer = self._get(self.geocoding_url + "/v1/search", {
+            "name": town or name, "count": 10 if within else 1, "language": "en",
+            "format": "json"}, deadline)
+        found = [r for r in answer.get("results") or ()
+                 if isinstance(r, dict) and {"name", "latitude", "longitude"} <= r.keys()]
+        if not found:
+            raise ToolError(f"no place called {name!r} was found; ask the user for the "
+                            "town or city (with its country when the name is ambiguous)")
+        inside = [r for r in found if within and within.casefold() in (
+            str(r.get(field, "")).casefold() for field in ("country", "admin1", "country_code"))]
+        return (inside or found)[0]
+
+    def _current(self, place, deadline):
+        query = {"latitude": place["latitude"], "longitude": place["longitude"],
+                 "current": self.CURRENT, "timezone": "auto"}
+        if self.imperial:
+            query.update(temperature_unit="fahrenheit", wind_speed_unit="mph")
+        answer = self._get(self.weather_url + "/v1/forecast", query, deadline)
+        now, units = answer.get("current"), answer.get("current_units") or {}
+        try:
+            temperature, code = float(now["temperature_2m"]), int(now["weather_code"])
+        except (KeyError, TypeError, ValueError):
+            raise ToolError("the weather service answered without current conditions") from None
+        is_day = bool(now.get("is_day", 1))
+        if "name" in place:
+            label = ", ".join(str(place[k]) for k in ("name", "country") if place.get(k))
+            where = {"location": label, "place": place["name"], "region": place.get("admin1"),
+                     "country": place.get("country")}
+        else:
+            where = {"location": f"{place['latitude']:.4g}, {place['longitude']:.4g}"}
+        degrees = units.get("temperature_2m") or ("°F" if self.imperial else "°C")
+        speed = units.get("wind_speed_10m") or ("mph" if self.imperial else "km/h")
+        return dict(where, **{
+            "latitude": place["latitude"], "longitude": place["longitude"],
+            "timezone": answer.get("timezone"),
+            "observed_at": self._local_time(now.get("time"), answer.get("utc_offset_seconds")),
+            "temperature": temperature, "apparent_temperature": now.get("apparent_temperature"),
+            "condition": weather_condition(code, is_day), "weather_code": code,
+            "is_day": is_day, "wind_speed": now.get("wind_speed_10m"),
+            "humidity": now.get("relative_humidity_2m"),
+            "units": {"temperature": degrees, "wind_speed": speed.replace("mp/h", "mph"),
+                      "humidity": "%"}})
+
+    @staticmethod
+    def _local_time(text, offset):
+        """Open-Meteo's local '2026-11-27T10:15' with its UTC offset: '...T10:15+01:00'."""
+        try:
+            zone = datetime.timezone(datetime.timedelta(seconds=int(offset)))
+            return datetime.datetime.fromisoformat(text).replace(tzinfo=zone).isoformat(
+                timespec="minutes")
+        except (TypeError, ValueError):
+            return text
+
+    def _get(self, url, query, deadline):
+        """GET url?query, a JSON object, before the deadline."""
+        late = ToolError(f"the weather service did not answer within {self.timeout:g}s")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise late
+        url_with_query = url + "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+        try:
+            status, _, body = http_get(url_with_query, {"User-Agent": USER_AGENT,
+                                                        "Accept": "application/json"}, remaining)
+        except OSError as exc:
+            if is_timeout(exc):
+                raise late from None
+            raise ToolError(f"the weather service at {url_host(url)} cannot be reached "
+                            f"({network_reason(exc)}); it needs internet access") from None
+        except http.client.HTTPException as exc:
+            raise ToolError(f"the weather service at {url_host(url)} answered garbage "
+                            f"({type(exc).__name__})") from None
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not 200 <= status < 300:
+            reason = answer.get("reason") if isinstance(answer, dict) else None  # Open-Meteo's
+            raise ToolError(f"the weather service answered HTTP {status}"
+                            + (f": {one_line(str(reason))[:200]}" if reason else ""))
+        if not isinstance(answer, dict):
+            raise ToolError("the weather service answered with something that is not JSON")
+        return answer
+
+
+def build_tools(store, notifier=None, metrics=None, settings=None):
+    """The tool registry every provider is offered: those of `settings` ([tools])
+    enabled. `notifier(ctx, message)` queues a message to the outbound URL;
+    webhook_send exists only when one is given."""
+    settings = settings or section_defaults("tools")
     registry = ToolRegistry(metrics)
-    registry.register(Tool(
+
+    def offer(tool):
+        if tool.name in settings.enabled:
+            registry.register(tool)
+    offer(Tool(
         "current_time", "The current date and time, in the sender's time zone when known.",
         {"type": "object", "properties": {"timezone": {
             "type": "string", "description": "IANA time zone, e.g. Europe/Madrid"}},
          "additionalProperties": False}, tool_current_time))
-    registry.register(Tool(
+    offer(Tool(
         "calculate", "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses).",
         {"type": "object", "properties": {"expression": {"type": "string", "minLength": 1,
                                                          "maxLength": 200}},
          "required": ["expression"], "additionalProperties": False}, tool_calculate))
-    registry.register(Tool(
+    offer(Tool(
         "remember", "Store a fact about this user for later conversations.",
         {"type": "object", "properties": {"fact": {"type": "string", "minLength": 1,
                                                    "maxLength": 2000}},
          "required": ["fact"], "additionalProperties": False}, tool_remember))
-    registry.register(Tool(
+    offer(Tool(
         "recall", "Look up facts remembered about this user; an empty query lists them all.",
         {"type": "object", "properties": {"query": {"type": "string", "maxLength": 200}},
          "additionalProperties": False}, tool_recall))
+    offer(Tool(
+        "weather", "Current weather (temperature, feels-like, conditions, wind, humidity) "
+        "for a place name or coordinates. With no arguments it uses the location in the "
+        "message's metadata; if there is none, it says so and you should ask the user.",
+        {"type": "object", "properties": {
+            "location": {"type": "string", "maxLength": 200,
+                         "description": "town or city, e.g. Madrid or Paris, France"},
+            "latitude": {"type": "number"}, "longitude": {"type": "number"}},
+         "additionalProperties": False},
+        WeatherTool(settings.weather_url, settings.geocoding_url, settings.units)))
     if notifier is not None:
-        registry.register(Tool(
+        offer(Tool(
             "webhook_send", "Send a message to the user's system through the outbound webhook.",
             {"type": "object", "properties": {"message": {"type": "string", "minLength": 1,
                                                           "maxLength": 10000}},
@@ -1469,6 +1746,34 @@ def http_post(url, body, headers, timeout):
             return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
     except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
         raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
+
+
+def http_get(url, headers, timeout):
+    """GET, answered like http_post, all within `timeout` seconds: a server that
+    trickles its answer is cut off then (give or take one socket read)."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers=headers, method="GET")
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return response.status, response.headers, read_body(response, deadline)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, read_body(exc, deadline)
+
+
+def read_body(response, deadline):
+    """At most MAX_RESPONSE_BYTES, read as they come; socket.timeout past the deadline."""
+    chunks, size = [], 0
+    read = getattr(response, "read1", response.read)
+    while size < MAX_RESPONSE_BYTES:
+        if time.monotonic() >= deadline:
+            raise socket.timeout("the answer was still arriving at the deadline")
+        chunk = read(min(65536, MAX_RESPONSE_BYTES - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def is_timeout(exc):
@@ -1565,13 +1870,20 @@ class BuiltinModel:
 
     name = "builtin"
     NO_MODEL = ("I'm running without a language model, so I can only greet you, tell the "
-                "time and date, do arithmetic, and remember or recall facts. To answer "
-                "anything else, connect a model: set [agent] provider = openai (OpenAI, "
-                "Ollama, llama.cpp...) or anthropic in config.ini and store the key with "
-                "`python aibutler.py vault set openai_api_key` (see the README).")
+                "time and date, give the current weather, do arithmetic, and remember or "
+                "recall facts. To answer anything else, connect a model: set [agent] "
+                "provider = openai (OpenAI, Ollama, llama.cpp...) or anthropic in config.ini "
+                "and store the key with `python aibutler.py vault set openai_api_key` "
+                "(see the README).")
     HELP = ("I'm AI Butler. Without a language model I can: tell the time and date "
-            "(\"what time is it?\"), calculate (\"what is 17 * 23?\"), remember facts "
-            "(\"remember that my locker is 42\") and recall them (\"what do you remember?\").")
+            "(\"what time is it?\"), give the current weather (\"what's the weather in "
+            "Madrid?\"), calculate (\"what is 17 * 23?\"), remember facts (\"remember that "
+            "my locker is 42\") and recall them (\"what is my locker?\", \"what do you "
+            "remember?\").")
+    NO_PLACE = ("Where are you? Tell me a town or city (\"what's the weather in Madrid?\") "
+                "and I'll look it up.")
+    WEATHER_OFF = ("I can't look up the weather here: the weather tool is turned off "
+                   "([tools] enabled).")
     GREETING = re.compile(r"^\s*(hi|hello|hey|hiya|howdy|greetings|good (morning|afternoon|"
                           r"evening|day))\b", re.I)
     HELP_RE = re.compile(r"\b(help|what can you do)\b", re.I)
@@ -1582,6 +1894,19 @@ class BuiltinModel:
     TIME = re.compile(r"\b(what time|the time|time is it|the date|today's date|what day|"
                       r"date today)\b", re.I)
     EXPRESSION = re.compile(r"[-+(]*\d[\d\s.+\-*/%^()×÷]*")
+    WEATHER = re.compile(r"\b(weather|forecast|what(['’]?s| is) the temperature|how (hot|cold|"
+                         r"warm|windy) is it|is it (raining|snowing|sunny|cloudy|windy|foggy|"
+                         r"cold|hot|warm|freezing|stormy)|(will|going to) (it )?(rain|snow))\b",
+                         re.I)
+    # "... in Paris", "... for São Paulo today?": the place is the end of the sentence.
+    PLACE = re.compile(r"\b(in|for|at|near)\s+(?P<place>[^?!;]+?)[\s?!.]*$", re.I)
+    PLACE_TAIL = re.compile(r"\s+(right now|now|today|currently|at the moment|tonight|"
+                            r"tomorrow|this (morning|afternoon|evening|week)|in the (morning|"
+                            r"afternoon|evening)|like|please)$", re.I)
+    NOT_A_PLACE = re.compile(r"^(the )?(moment|now|today|tonight|tomorrow|weekend|morning|"
+                             r"afternoon|evening|here|me|us|area|outside)$|^(my|our|this) ", re.I)
+    QUESTION = re.compile(r"\?\s*$|^\s*(what|where|when|who|which|why|how|do|does|did|is|"
+                          r"are|was|were|can|could|tell me|remind me)\b", re.I)
 
     def complete(self, system, messages, tools):
         last = messages[-1]
@@ -1592,7 +1917,7 @@ class BuiltinModel:
 
         def call(name, **arguments):
             if name not in available:
-                return ModelReply(self.NO_MODEL)
+                return ModelReply(self.WEATHER_OFF if name == "weather" else self.NO_MODEL)
             return ModelReply("", [{"id": new_id("call"), "name": name,
                                     "arguments": json.dumps(arguments)}])
 
@@ -1605,12 +1930,19 @@ class BuiltinModel:
         expression = self._expression(text)
         if expression:
             return call("calculate", expression=expression)
+        match = self.WEATHER.search(text)
+        if match:
+            place = self._place(text[match.end():])
+            return call("weather", location=place) if place else call("weather")
         if self.TIME.search(text):
             return call("current_time")
         if self.GREETING.match(text):
             return ModelReply("Hello! " + self.HELP)
         if self.HELP_RE.search(text):
             return ModelReply(self.HELP)
+        words = Store.recall_words(text)
+        if words and self.QUESTION.search(text):  # maybe something the user told us
+            return call("recall", query=" ".join(words))
         return ModelReply(self.NO_MODEL)
 
     def _expression(self, text):
@@ -1620,15 +1952,29 @@ class BuiltinModel:
                 return candidate
         return None
 
+    def _place(self, text):
+        match = self.PLACE.search(text)
+        if not match:
+            return None
+        place = match.group("place").strip()
+        while self.PLACE_TAIL.search(place):
+            place = self.PLACE_TAIL.sub("", place)
+        return None if self.NOT_A_PLACE.search(place) else place
+
     def _answer_from_tools(self, messages):
         results = []
         for message in reversed(messages):
             if message["role"] != "tool":
                 break
             results.append((message["name"], json.loads(message["content"])))
+        question = next(m.get("text", m["content"]) for m in reversed(messages)
+                        if m["role"] == "user")
         sentences = []
         for name, result in reversed(results):
-            if "error" in result:
+            if "error" in result and name == "weather":
+                sentences.append(self.NO_PLACE if result["error"] == WeatherTool.NO_LOCATION
+                                 else f"Sorry, I couldn't get the weather: {result['error']}.")
+            elif "error" in result:
                 sentences.append(f"Sorry, {name.replace('_', ' ')} failed: {result['error']}.")
             elif name == "current_time":
                 sentences.append(f"It's {result['time']} on {result['date']} ({result['timezone']}).")
@@ -1636,13 +1982,52 @@ class BuiltinModel:
                 sentences.append(f"{result['expression']} = {result['value']}")
             elif name == "remember":
                 sentences.append(f"OK, I'll remember that {result['remembered']}.")
+            elif name == "recall" and not self.RECALL.search(question):
+                sentences.append(self._answer_from_memory(question, result["facts"]))
             elif name == "recall":
                 facts = result["facts"]
                 sentences.append("Here's what I remember:\n" + "\n".join(f"- {f}" for f in facts)
                                  if facts else "I don't remember anything about that yet.")
+            elif name == "weather":
+                sentences.append(self._weather_sentence(result))
             else:
                 sentences.append(f"Done: {name}.")
         return " ".join(sentences)
+
+    def _answer_from_memory(self, question, facts):
+        """A question answered from the facts sharing the most words with it."""
+        if not facts:
+            return self.NO_MODEL
+        words = Store.recall_words(question)
+        most = max(Store.words_in(words, fact) for fact in facts)
+        best = [self._said_back(f) for f in facts if Store.words_in(words, f) == most][:3]
+        if len(best) == 1:
+            return best[0][:1].upper() + best[0][1:] + "."
+        return "From what you told me: " + "; ".join(best) + "."
+
+    @staticmethod
+    def _said_back(fact):
+        """A fact in the user's words, said back to them: 'my car is on level 3'
+        becomes 'your car is on level 3'."""
+        text = re.sub(r"\bI (am|was)\b", lambda m: "you " + {"am": "are", "was": "were"}[
+            m.group(1).lower()], fact.strip().rstrip(".!"), flags=re.I)
+        text = re.sub(r"\bI(['’])m\b", r"you\1re", text, flags=re.I)
+        return re.sub(r"\b(I|me|my|mine|myself)\b", lambda m: {
+            "i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "yourself"}[
+            m.group(1).lower()], text, flags=re.I)
+
+    @staticmethod
+    def _weather_sentence(weather):
+        """The page's style: "It's currently 18°C and sunny in Madrid." """
+        unit = weather["units"]["temperature"]
+        said = f"{round(weather['temperature'])}{unit}"
+        feels = weather.get("apparent_temperature")
+        if isinstance(feels, (int, float)) and abs(feels - weather["temperature"]) >= 3:
+            said += f" (feels like {round(feels)}{unit})"
+        joined = "and" if weather["weather_code"] in WMO_SKY_CODES else "with"
+        where = (f"in {weather['place']}" if weather.get("place")
+                 else f"at {weather['location']}")
+        return f"It's currently {said} {joined} {weather['condition']} {where}."
 
 
 class HTTPModel:
@@ -2834,7 +3219,7 @@ class Butler:
         self.stopping = False
         self.dispatcher = CallbackDispatcher(config, store, vault, self.metrics)
         self.tools = build_tools(store, self.dispatcher.queue_notification
-                                 if config.async_mode else None, self.metrics)
+                                 if config.async_mode else None, self.metrics, config.tools)
         self.agent = Agent(build_model(config.agent, vault), self.tools, store,
                            config, self.metrics)
         self.workers = TurnWorkers(store, self.agent, self.dispatcher, config.delivery.workers)

@@ -105,6 +105,8 @@ class RecordingHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    do_GET = do_POST  # a GET is recorded and answered the same way, with an empty body
+
 
 @pytest.fixture
 def receiver():

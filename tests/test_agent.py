@@ -49,10 +49,12 @@ def test_memory_is_per_user(app_for):
 
 def test_builtin_is_honest_about_having_no_model(app_for):
     client = app_for()
-    for question in ("What's the weather?", "What's the weather today?"):
+    for question in ("Write me a poem about the sea", "Who won the 1998 World Cup?"):
         result = client.simulate_post("/webhook/custom", headers=auth(), json={
             "user_id": "u", "message": question}).json
-        assert "without a language model" in result["reply"] and result["tool_calls"] == []
+        assert "without a language model" in result["reply"]
+        # a question is first looked up in what the user told it, then admitted
+        assert [call["name"] for call in result["tool_calls"]] in ([], ["recall"])
 
 
 def agent_client(app_for, vault, provider, url, **agent):
@@ -81,7 +83,7 @@ def test_openai_plain_reply_sees_prompt_history_and_metadata(app_for, vault, rec
     assert sent["messages"][0]["role"] == "system" and "Current date" in sent["messages"][0]["content"]
     assert "Madrid" in sent["messages"][-1]["content"]
     assert {t["function"]["name"] for t in sent["tools"]} == {
-        "current_time", "calculate", "remember", "recall"}
+        "current_time", "calculate", "remember", "recall", "weather"}
     # the next turn carries the history of this session, and only this user's
     ask(client, "And tomorrow?")
     contents = [m["content"] for m in model.requests[1]["json"]["messages"]]
