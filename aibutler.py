@@ -1731,11 +1731,12 @@ def _deadline_handlers(until):
     return Plain(), TLS()
 
 
-def http_post(url, body, headers, timeout):
-    """POST bytes. Returns (status, headers, body) for every HTTP status; raises
-    OSError (URLError, timeouts, broken answers) when no whole HTTP answer came
-    within `timeout` seconds in total. Redirects are not followed."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+def http_request(method, url, body, headers, timeout):
+    """One HTTP exchange. Returns (status, headers, body) for every HTTP status;
+    raises OSError (URLError, timeouts, broken answers) when no whole answer came
+    within `timeout` seconds in total. Redirects are not followed; bodies are
+    read up to MAX_RESPONSE_BYTES."""
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
     opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
         time.monotonic() + timeout))
     try:
@@ -1748,32 +1749,12 @@ def http_post(url, body, headers, timeout):
         raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
 
 
+def http_post(url, body, headers, timeout):
+    return http_request("POST", url, body, headers, timeout)
+
+
 def http_get(url, headers, timeout):
-    """GET, answered like http_post, all within `timeout` seconds: a server that
-    trickles its answer is cut off then (give or take one socket read)."""
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers=headers, method="GET")
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return response.status, response.headers, read_body(response, deadline)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.headers, read_body(exc, deadline)
-
-
-def read_body(response, deadline):
-    """At most MAX_RESPONSE_BYTES, read as they come; socket.timeout past the deadline."""
-    chunks, size = [], 0
-    read = getattr(response, "read1", response.read)
-    while size < MAX_RESPONSE_BYTES:
-        if time.monotonic() >= deadline:
-            raise socket.timeout("the answer was still arriving at the deadline")
-        chunk = read(min(65536, MAX_RESPONSE_BYTES - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
+    return http_request("GET", url, None, headers, timeout)
 
 
 def is_timeout(exc):
