@@ -621,6 +621,8 @@ class Vault:
             key = (info.st_mtime_ns, info.st_size, info.st_ino)
         except FileNotFoundError:
             key = None
+        except OSError as exc:
+            raise VaultError(f"{self.path}: cannot read the vault: {exc.strerror}") from None
         if self._cache[0] != key:
             self._cache = (key, self._read_file() if key else {})
         self._checked = now
@@ -1167,6 +1169,8 @@ class Metrics:
         "aibutler_deliveries_total": ("counter", "Callback attempts by outcome."),
         "aibutler_rate_limited_total": ("counter", "Requests refused by a rate limit, by scope."),
         "aibutler_auth_failures_total": ("counter", "Requests with a missing or wrong secret."),
+        "aibutler_auth_tracked_addresses": ("gauge", "Client addresses the auth throttle "
+                                                     "remembers (failing or blocked; bounded)."),
         "aibutler_queue_depth": ("gauge", "Async messages accepted and not yet answered."),
         "aibutler_deliveries_pending": ("gauge", "Callbacks waiting to be delivered."),
     }
@@ -2902,6 +2906,9 @@ class Authenticator:
                              "newlines or whitespace in the secret)"
                         if why in ("missing", "wrong") else f"authentication failed: {why}")
 
+    def tracked_addresses(self):
+        return len(self._failures) + len(self._blocked)
+
     def _prune(self, now):
         """Both tables stay bounded whatever the number of addresses (under the lock)."""
         if len(self._failures) > self.MAX_ADDRESSES:
@@ -3208,6 +3215,7 @@ class Butler:
         self.auth = Authenticator(config, vault, store, self.metrics)
         self._set_limits(config)
         self.metrics.gauge("aibutler_queue_depth", store.pending_jobs)
+        self.metrics.gauge("aibutler_auth_tracked_addresses", self.auth.tracked_addresses)
         self.metrics.gauge("aibutler_deliveries_pending",
                            lambda: store.delivery_counts().get("pending", 0))
         self._started = False
@@ -3498,7 +3506,7 @@ class ConnectionGuard:
         self._channel_class = server.channel_class
         server.channel_class = self.admit  # waitress calls it for each accepted socket
         self._seen = {}  # channel -> (its request parser, when first seen unfinished)
-        self._warned = -math.inf
+        self._warned = {}  # kind of trouble -> when it was last logged
 
     def admit(self, server, conn, addr, adj, map=None):
         host = addr[0] if isinstance(addr, tuple) else ""
@@ -3509,7 +3517,7 @@ class ConnectionGuard:
                            if getattr(channel, "addr", None) and channel.addr[0] == host)
             if open_now >= limit:
                 conn.close()
-                self._warn(f"refused a connection from {host}: it has {open_now} open "
+                self._warn("greedy", f"refused a connection from {host}: it has {open_now} open "
                            "([server] client_connection_limit)")
                 return None
         return self._channel_class(server, conn, addr, adj, map=map)
@@ -3526,17 +3534,17 @@ class ConnectionGuard:
                 since = now
             if now - since > timeout:
                 channel.will_close = True
-                self._warn(f"closed a connection from {channel.addr[0]} that took over "
+                self._warn("slow", f"closed a connection from {channel.addr[0]} that took over "
                            f"{timeout:g}s to send its headers "
                            "([server] header_timeout)")
             else:
                 seen[channel] = (request, since)
         self._seen = seen
 
-    def _warn(self, message):
+    def _warn(self, kind, message):
         now = time.monotonic()
-        if now - self._warned >= self.WARN_EVERY:
-            self._warned = now
+        if now - self._warned.get(kind, -math.inf) >= self.WARN_EVERY:
+            self._warned[kind] = now
             log.warning("connections: %s", message)
 
 
@@ -3622,7 +3630,10 @@ def fail(message, code=EXIT_FAILURE):
 
 
 def open_vault(env=None):
-    return Vault(os.path.join(data_dir_from_env(env), "vault.json"), env)
+    data_dir = data_dir_from_env(env)
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+        raise DataDirError(f"{data_dir}: the data directory is not a directory")
+    return Vault(os.path.join(data_dir, "vault.json"), env)
 
 
 def open_store(data_dir):
@@ -3809,8 +3820,9 @@ def cmd_deliveries_list(args):
     rows = store.list_deliveries(args.failed, args.limit)
     for row in rows:
         created = iso_utc(row["created"])
-        print(f"{row['message_id']}\t{row['state']}\tattempts={row['attempts']}\t"
-              f"{created}\tuser={row['user_id']}\t{row['last_error'] or ''}")
+        print(printable(f"{row['message_id']}\t{row['state']}\tattempts={row['attempts']}\t"
+                        f"{created}\tuser={row['user_id']}\t{row['last_error'] or ''}")
+              .replace("\\t", "\t"))  # the columns' tabs stay tabs
     if not rows:
         print("aibutler: no deliveries" + (" have failed" if args.failed else ""),
               file=sys.stderr)
