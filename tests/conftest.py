@@ -5,7 +5,6 @@ temporary folder."""
 import json
 import os
 import pathlib
-import queue
 import re
 import shutil
 import signal
@@ -41,6 +40,7 @@ class Recorder(ThreadingHTTPServer):
     one repeated."""
 
     daemon_threads = True
+    POLL = 0.02
 
     def __init__(self, script=None):
         super().__init__(("127.0.0.1", 0), RecordingHandler)
@@ -48,7 +48,8 @@ class Recorder(ThreadingHTTPServer):
         self.script = list(script or [(200, {}, b"{}", 0)])
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        # a short poll: shutdown() waits for the loop to notice, 0.5 s by default
+        threading.Thread(target=self.serve_forever, args=(self.POLL,), daemon=True).start()
 
     @property
     def url(self):
@@ -164,10 +165,12 @@ class Daemon:
             del self.env[name]
         self.env.update(env or {})
         self.secret = secret
-        if secret:
-            self.cli("vault", "set", "webhook_auth_secret", input=secret)
+        if secret:  # in-process: the CLI path has its own tests in test_cli.py
+            aibutler.Vault(str(self.data / "vault.json"), env={}).set("webhook_auth_secret",
+                                                                      secret)
         self.proc = None
-        self.log_lines = []
+        self.log_lines = []  # ends with None once the daemon's output has closed
+        self.logged = threading.Condition()
 
     def cli(self, *args, input=None, check=True):
         result = subprocess.run([sys.executable, "aibutler.py", *args], cwd=self.folder,
@@ -183,32 +186,27 @@ class Daemon:
             [sys.executable, "aibutler.py", "run", "--config", str(self.config),
              "--port", str(port), *extra], cwd=self.folder, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = queue.Queue()
+        self.pump = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
+        self.pump.start()
+        match = self.wait_log(r"listening on http://[\d.]+:(\d+)", timeout=15,
+                              what="daemon did not start")
+        self.port = int(match.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
 
-        def pump():
-            for line in self.proc.stdout:
+    def _pump(self, stdout):
+        """Collect the daemon's log lines, waking whoever waits for one."""
+        for line in stdout:
+            with self.logged:
                 self.log_lines.append(line)
-                lines.put(line)
-            lines.put(None)
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=deadline - time.monotonic())
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError("daemon exited at start:\n" + self.log)
-            match = re.search(r"listening on http://[\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                self.url = f"http://127.0.0.1:{self.port}"
-                return self
-        raise AssertionError("daemon did not start:\n" + self.log)
+                self.logged.notify_all()
+        with self.logged:
+            self.log_lines.append(None)  # end of output: the process has exited
+            self.logged.notify_all()
 
     @property
     def log(self):
-        return "".join(self.log_lines)
+        return "".join(line for line in self.log_lines if line)
 
     def post(self, body, headers=None, path="/webhook/custom", secret=True, timeout=30):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -224,20 +222,28 @@ class Daemon:
     def stop(self, sig=signal.SIGTERM, timeout=20):
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
-        time.sleep(0.05)
+        self.pump.join(10)  # every line the daemon wrote is in self.log
         return code
 
     def kill(self):
         self.proc.kill()
         self.proc.wait(10)
+        self.pump.join(10)
 
-    def wait_log(self, pattern, timeout=15):
+    def wait_log(self, pattern, timeout=15, what=None):
+        """The first match of pattern in the log, waiting up to timeout for it."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(pattern, self.log):
-                return True
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in log:\n{self.log}")
+        with self.logged:
+            while True:
+                match = re.search(pattern, self.log)
+                if match:
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.log_lines and self.log_lines[-1] is None):
+                    ended = " (the daemon exited)" if self.log_lines[-1:] == [None] else ""
+                    raise AssertionError(f"{what or repr(pattern) + ' not in log'}{ended}:\n"
+                                         f"{self.log}")
+                self.logged.wait(left)
 
 
 def http_request(url, data, headers, method, timeout=30):
