@@ -8,6 +8,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -149,6 +150,16 @@ def ok(body, delay=0, headers=None):
     return (200, headers or {"Content-Type": "application/json"}, body, delay)
 
 
+def held(answer, gate, timeout=30):
+    """A script entry that answers only once gate (a threading.Event) is set: a
+    model still thinking, or a receiver still busy, for exactly as long as the
+    test needs, instead of a delay that hopes to be long enough."""
+    def respond(request):
+        gate.wait(timeout)
+        return answer
+    return respond
+
+
 class Daemon:
     """aibutler.py copied alone into a temp folder and run as a subprocess."""
 
@@ -221,9 +232,25 @@ class Daemon:
 
     def stop(self, sig=signal.SIGTERM, timeout=20):
         self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout=20):
+        """The exit code, once the daemon has exited and all it wrote is in self.log."""
         code = self.proc.wait(timeout)
-        self.pump.join(10)  # every line the daemon wrote is in self.log
+        self.pump.join(10)
         return code
+
+    def wait_closed(self, timeout=15):
+        """Wait until the daemon no longer accepts connections: its graceful stop
+        has begun (it closes the listening socket first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except ConnectionRefusedError:
+                return
+            assert time.monotonic() < deadline, "the daemon kept accepting connections"
+            time.sleep(0.005)
 
     def kill(self):
         self.proc.kill()
