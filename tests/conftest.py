@@ -177,11 +177,15 @@ class Daemon:
         self.env.update(env or {})
         self.secret = secret
         if secret:  # in-process: the CLI path has its own tests in test_cli.py
-            aibutler.Vault(str(self.data / "vault.json"), env={}).set("webhook_auth_secret",
-                                                                      secret)
+            self.vault.set("webhook_auth_secret", secret)
         self.proc = None
         self.log_lines = []  # ends with None once the daemon's output has closed
         self.logged = threading.Condition()
+
+    @property
+    def vault(self):
+        """The daemon's vault file, as `vault set` would write it (same lock and modes)."""
+        return aibutler.Vault(str(self.data / "vault.json"), env={})
 
     def cli(self, *args, input=None, check=True):
         result = subprocess.run([sys.executable, "aibutler.py", *args], cwd=self.folder,
