@@ -25,6 +25,13 @@ def model_config(model_url):
     return f"[agent]\nprovider = openai\nbase_url = {model_url}\ntimeout = 20s\n"
 
 
+def assert_nothing_left(d):
+    """/metrics: no turn queued or running, no callback waiting to be retried."""
+    status, _, text = d.get("/metrics", {"X-Aibutler-Secret": SECRET})
+    assert status == 200
+    assert "\naibutler_queue_depth 0\n" in text and "\naibutler_deliveries_pending 0\n" in text
+
+
 def test_delivery_after_a_receiver_that_fails_first(daemon, receiver):
     callbacks = receiver([(500, {}, b"", 0), (502, {}, b"", 0), (408, {}, b"", 0),
                           (200, {}, b"", 0)])
@@ -36,6 +43,7 @@ def test_delivery_after_a_receiver_that_fails_first(daemon, receiver):
     assert ids == {accepted["message_id"]}
     assert all(a["json"]["message_id"] == accepted["message_id"] for a in attempts)
     d.wait_log(rf"delivery {accepted['message_id']}: delivered .*\(attempt 4\)")
+    assert_nothing_left(d)
     listing = d.cli("deliveries", "list").stdout
     assert accepted["message_id"] in listing and "delivered" in listing
     assert d.stop() == 0  # the stop sends whatever is still due
@@ -82,6 +90,7 @@ def test_no_retry_on_final_4xx_and_the_operator_can_retry(daemon, receiver, stat
     d.cli("deliveries", "retry", message_id)
     callbacks.wait_for(2)
     d.wait_log(f"delivery {message_id}: delivered")
+    assert_nothing_left(d)
     assert "delivered" in d.cli("deliveries", "list").stdout
     assert d.cli("deliveries", "retry", check=False).returncode == 2
     assert d.stop() == 0
@@ -150,6 +159,7 @@ def test_sigkill_after_202_loses_nothing(daemon, receiver, moment):
     body = callbacks.wait_for(1)[0]["json"]
     assert body["message_id"] == accepted["message_id"] and body["reply"] == "slow answer"
     d.wait_log(rf"delivery {accepted['message_id']}: delivered")
+    assert_nothing_left(d)
     assert d.stop() == 0  # the stop sends whatever is still due
     assert len(callbacks.requests) == 1
 
@@ -195,14 +205,16 @@ def test_a_repeat_during_the_first_run_waits_for_it(daemon, receiver):
     d = daemon(model_config(model.url)).start()
     message = {"user_id": "u", "message": "book a table"}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(d.post, message, {"Idempotency-Key": "same"})
-        model.wait_for(1)  # the first run is in the model
-        second = pool.submit(d.post, message, {"Idempotency-Key": "same"})
-        # Nothing the daemon shows tells that the repeat has arrived and waits, so
-        # it gets a moment; were it late, it would get the stored answer instead.
-        time.sleep(0.3)
-        assert not second.done()  # a repeat neither runs again nor fails while the first runs
-        thinking.set()
+        try:
+            first = pool.submit(d.post, message, {"Idempotency-Key": "same"})
+            model.wait_for(1)  # the first run is in the model
+            second = pool.submit(d.post, message, {"Idempotency-Key": "same"})
+            # Nothing the daemon shows tells that the repeat has arrived and waits,
+            # so it gets a moment; were it late, it would get the stored answer.
+            time.sleep(0.3)
+            assert not second.done()  # the repeat neither runs again nor fails meanwhile
+        finally:
+            thinking.set()
         results = [first.result(), second.result()]
     assert [r[2]["reply"] for r in results] == ["only once", "only once"]
     assert results[1][1]["Idempotent-Replayed"] == "true"
@@ -222,10 +234,9 @@ def test_idempotent_replay_in_async_mode(daemon, receiver):
     d.start()
     status, _, third = d.post(message, {"Idempotency-Key": "pay-1"})
     assert status == 202 and third == first
-    # nothing was queued by the replays: no turn waiting or running, and the
-    # stop sends whatever is due, so a second callback would be here by then
-    status, _, metrics = d.get("/metrics", {"X-Aibutler-Secret": SECRET})
-    assert status == 200 and "\naibutler_queue_depth 0\n" in metrics
+    # nothing was queued by the replays, and the stop sends whatever is due,
+    # so a second callback would be here by then
+    assert_nothing_left(d)
     assert d.stop() == 0
     assert len(callbacks.requests) == 1
     facts = [r["json"] for r in callbacks.requests]
@@ -324,6 +335,7 @@ def test_sigterm_keeps_unstarted_work_for_the_next_start(daemon, receiver):
     d.start()
     callbacks.wait_for(3, timeout=20)
     d.wait_log(rf"delivery {accepted[2]}: delivered")
+    assert_nothing_left(d)
     assert d.stop() == 0
     arrived = collections.Counter(r["json"]["message_id"] for r in callbacks.requests)
     assert arrived == collections.Counter(accepted)  # each one, exactly once
