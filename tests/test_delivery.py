@@ -316,7 +316,14 @@ def test_sigterm_sends_the_reply_of_an_async_turn_in_flight(daemon, receiver):
 
 def test_sigterm_keeps_unstarted_work_for_the_next_start(daemon, receiver):
     thinking = threading.Event()  # the first turn ends only once the stop has begun
-    model = receiver([held(ok(openai_text("done")), thinking), ok(openai_text("done"))])
+    # Nothing the daemon shows tells when its worker stops taking new turns, so
+    # under load the worker may start m1 between the port closing and that
+    # moment; m1's model call is then held past the exit (the stop waits out
+    # shutdown_timeout and leaves it for the next start) and never answered
+    # before it, so exactly m0 is delivered before the exit either way.
+    second = threading.Event()
+    model = receiver([held(ok(openai_text("done")), thinking),
+                      held(ok(openai_text("done")), second), ok(openai_text("done"))])
     callbacks = receiver()
     d = daemon(async_config(callbacks.url, "workers = 1\n") + model_config(model.url)
                + "[server]\nshutdown_timeout = 3s\n").start()
@@ -330,6 +337,7 @@ def test_sigterm_keeps_unstarted_work_for_the_next_start(daemon, receiver):
     d.wait_closed()
     thinking.set()
     assert d.wait() == 0
+    second.set()
     delivered = [r["json"]["message_id"] for r in callbacks.requests]
     assert delivered == accepted[:1]  # the turn in flight finished; the others wait
     d.start()
