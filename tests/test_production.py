@@ -264,12 +264,13 @@ def test_metrics_count_rate_limits_and_deliveries(app_for, receiver):
     client.simulate_post("/webhook/custom", headers=auth(), json={"user_id": "u", "message": "b"})
     callbacks.wait_for(2)
     # the delivered count follows the receiver's answer
-    eventually(lambda: 'aibutler_deliveries_total{outcome="delivered"} 1' in
-               client.simulate_get("/metrics", headers=auth()).text, every=0.01)
+    delivered = 'aibutler_deliveries_total{outcome="delivered"}'
+    eventually(lambda: metric(client.simulate_get("/metrics", headers=auth()).text,
+                              delivered) == 1, every=0.01)
     text = client.simulate_get("/metrics", headers=auth()).text
     assert metric(text, 'aibutler_rate_limited_total{scope="user"}') == 1
     assert metric(text, 'aibutler_deliveries_total{outcome="retry"}') == 1
-    assert metric(text, 'aibutler_deliveries_total{outcome="delivered"}') == 1
+    assert metric(text, delivered) == 1
 
 
 def test_readyz_reports_dead_workers(app_for):
