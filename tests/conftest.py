@@ -5,10 +5,10 @@ temporary folder."""
 import json
 import os
 import pathlib
-import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +41,7 @@ class Recorder(ThreadingHTTPServer):
     one repeated."""
 
     daemon_threads = True
+    POLL = 0.02
 
     def __init__(self, script=None):
         super().__init__(("127.0.0.1", 0), RecordingHandler)
@@ -48,7 +49,8 @@ class Recorder(ThreadingHTTPServer):
         self.script = list(script or [(200, {}, b"{}", 0)])
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        # a short poll: shutdown() waits for the loop to notice, 0.5 s by default
+        threading.Thread(target=self.serve_forever, args=(self.POLL,), daemon=True).start()
 
     @property
     def url(self):
@@ -150,6 +152,16 @@ def ok(body, delay=0, headers=None):
     return (200, headers or {"Content-Type": "application/json"}, body, delay)
 
 
+def held(answer, gate, timeout=30):
+    """A script entry that answers only once gate (a threading.Event) is set: a
+    model still thinking, or a receiver still busy, for exactly as long as the
+    test needs, instead of a delay that hopes to be long enough."""
+    def respond(request):
+        gate.wait(timeout)
+        return answer
+    return respond
+
+
 class Daemon:
     """aibutler.py copied alone into a temp folder and run as a subprocess."""
 
@@ -166,10 +178,16 @@ class Daemon:
             del self.env[name]
         self.env.update(env or {})
         self.secret = secret
-        if secret:
-            self.cli("vault", "set", "webhook_auth_secret", input=secret)
+        if secret:  # in-process: the CLI path has its own tests in test_cli.py
+            self.vault.set("webhook_auth_secret", secret)
         self.proc = None
-        self.log_lines = []
+        self.log_lines = []  # ends with None once the daemon's output has closed
+        self.logged = threading.Condition()
+
+    @property
+    def vault(self):
+        """The daemon's vault file, as `vault set` would write it (same lock and modes)."""
+        return aibutler.Vault(str(self.data / "vault.json"), env={})
 
     def cli(self, *args, input=None, check=True):
         result = subprocess.run([sys.executable, "aibutler.py", *args], cwd=self.folder,
@@ -185,32 +203,27 @@ class Daemon:
             [sys.executable, "aibutler.py", "run", "--config", str(self.config),
              "--port", str(port), *extra], cwd=self.folder, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = queue.Queue()
+        self.pump = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
+        self.pump.start()
+        match = self.wait_log(r"listening on http://[\d.]+:(\d+)", timeout=15,
+                              what="daemon did not start")
+        self.port = int(match.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
 
-        def pump():
-            for line in self.proc.stdout:
+    def _pump(self, stdout):
+        """Collect the daemon's log lines, waking whoever waits for one."""
+        for line in stdout:
+            with self.logged:
                 self.log_lines.append(line)
-                lines.put(line)
-            lines.put(None)
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=deadline - time.monotonic())
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError("daemon exited at start:\n" + self.log)
-            match = re.search(r"listening on http://[\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                self.url = f"http://127.0.0.1:{self.port}"
-                return self
-        raise AssertionError("daemon did not start:\n" + self.log)
+                self.logged.notify_all()
+        with self.logged:
+            self.log_lines.append(None)  # end of output: the process has exited
+            self.logged.notify_all()
 
     @property
     def log(self):
-        return "".join(self.log_lines)
+        return "".join(line for line in self.log_lines if line)
 
     def post(self, body, headers=None, path="/webhook/custom", secret=True, timeout=30):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -225,21 +238,45 @@ class Daemon:
 
     def stop(self, sig=signal.SIGTERM, timeout=20):
         self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout=20):
+        """The exit code, once the daemon has exited and all it wrote is in self.log."""
         code = self.proc.wait(timeout)
-        time.sleep(0.05)
+        self.pump.join(10)
         return code
+
+    def wait_closed(self, timeout=15):
+        """Wait until the daemon no longer accepts connections: its graceful stop
+        has begun (it closes the listening socket first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except ConnectionRefusedError:
+                return
+            assert time.monotonic() < deadline, "the daemon kept accepting connections"
+            time.sleep(0.005)
 
     def kill(self):
         self.proc.kill()
         self.proc.wait(10)
+        self.pump.join(10)
 
-    def wait_log(self, pattern, timeout=15):
+    def wait_log(self, pattern, timeout=15, what=None):
+        """The first match of pattern in the log, waiting up to timeout for it."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(pattern, self.log):
-                return True
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in log:\n{self.log}")
+        with self.logged:
+            while True:
+                match = re.search(pattern, self.log)
+                if match:
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.log_lines and self.log_lines[-1] is None):
+                    ended = " (the daemon exited)" if self.log_lines[-1:] == [None] else ""
+                    raise AssertionError(f"{what or repr(pattern) + ' not in log'}{ended}:\n"
+                                         f"{self.log}")
+                self.logged.wait(left)
 
 
 def http_request(url, data, headers, method, timeout=30):

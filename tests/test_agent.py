@@ -201,10 +201,10 @@ def test_429_is_retried_honouring_retry_after_then_503(app_for, vault, receiver)
 
 def test_slow_model_is_504_within_the_timeout(app_for, vault, receiver):
     model = receiver([ok(openai_text("late"), delay=5)])
+    client = agent_client(app_for, vault, "openai", model.url, timeout="0.3s")
     started = time.monotonic()
-    failure(504, "did not answer within 1s",
-            ask(agent_client(app_for, vault, "openai", model.url, timeout="1s")))
-    assert time.monotonic() - started < 3
+    failure(504, "did not answer within 0.3s", ask(client))
+    assert 0.3 <= time.monotonic() - started < 2.3
 
 
 def test_the_key_never_reaches_the_log(app_for, vault, receiver, caplog):
@@ -219,7 +219,7 @@ def test_the_key_never_reaches_the_log(app_for, vault, receiver, caplog):
 def test_history_survives_a_daemon_restart(daemon, receiver):
     model = receiver([ok(openai_text("first answer")), ok(openai_text("second answer"))])
     d = daemon(f"[agent]\nprovider = openai\nbase_url = {model.url}\n")
-    d.cli("vault", "set", "openai_api_key", input=KEY)
+    d.vault.set("openai_api_key", KEY)
     d.start()
     status, _, first = d.post({"user_id": "u", "message": "first question"})
     assert status == 200 and d.stop() == 0

@@ -5,6 +5,8 @@ import base64
 import concurrent.futures
 import json
 import os
+import pathlib
+import shutil
 import signal
 import stat
 import subprocess
@@ -164,13 +166,21 @@ def test_async_callback_with_each_auth_type(daemon, receiver, auth_type):
 
 
 def test_pip_install_gives_the_aibutler_command(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = pathlib.Path(__file__).resolve().parent.parent
+    source = tmp_path / "source"  # pip builds in the tree: keep build/ out of the checkout
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     venv = tmp_path / "venv"
-    made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                          capture_output=True, timeout=120)
-    if made.returncode != 0:
-        pytest.skip("this Python has no venv/ensurepip (Debian: apt install python3-venv)")
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", root],
+    # without pip of its own (ensurepip takes seconds); this Python's pip installs into it
+    made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
+                           "--without-pip", str(venv)], capture_output=True, timeout=120)
+    has_pip = subprocess.run([sys.executable, "-m", "pip", "--version"],
+                             capture_output=True).returncode == 0
+    if made.returncode != 0 or not has_pip:
+        pytest.skip("this Python has no venv or no pip (Debian: apt install python3-venv "
+                    "python3-pip)")
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                          "install", "-q", "--no-deps", str(source)],
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr
     result = subprocess.run([str(venv / "bin" / "aibutler"), "--version"],

@@ -2,6 +2,7 @@
 idempotency, bounds and graceful stop, against real daemons and receivers."""
 
 import base64
+import collections
 import concurrent.futures
 import signal
 import threading
@@ -9,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import SECRET, ok, openai_text
+import aibutler
+from conftest import SECRET, held, make_config, ok, openai_text
 
 FAST = "retry_schedule = 100ms, 100ms, 100ms, 100ms, 100ms\n"
 
@@ -23,6 +25,13 @@ def model_config(model_url):
     return f"[agent]\nprovider = openai\nbase_url = {model_url}\ntimeout = 20s\n"
 
 
+def assert_nothing_left(d):
+    """/metrics: no turn queued or running, no callback waiting to be retried."""
+    status, _, text = d.get("/metrics", {"X-Aibutler-Secret": SECRET})
+    assert status == 200
+    assert "\naibutler_queue_depth 0\n" in text and "\naibutler_deliveries_pending 0\n" in text
+
+
 def test_delivery_after_a_receiver_that_fails_first(daemon, receiver):
     callbacks = receiver([(500, {}, b"", 0), (502, {}, b"", 0), (408, {}, b"", 0),
                           (200, {}, b"", 0)])
@@ -33,22 +42,38 @@ def test_delivery_after_a_receiver_that_fails_first(daemon, receiver):
     ids = {a["headers"]["webhook-id"] for a in attempts}
     assert ids == {accepted["message_id"]}
     assert all(a["json"]["message_id"] == accepted["message_id"] for a in attempts)
-    time.sleep(0.5)
-    assert len(callbacks.requests) == 4  # delivered once, then no more
+    d.wait_log(rf"delivery {accepted['message_id']}: delivered .*\(attempt 4\)")
+    assert_nothing_left(d)
     listing = d.cli("deliveries", "list").stdout
     assert accepted["message_id"] in listing and "delivered" in listing
-    assert d.stop() == 0
+    assert d.stop() == 0  # the stop sends whatever is still due
+    assert len(callbacks.requests) == 4  # delivered once, then no more
 
 
-def test_retry_after_is_honoured(daemon, receiver):
+def test_retry_after_is_honoured(vault, store, receiver):
+    """The dispatcher with its clock injected: each pass sends what is due at
+    that moment, so the boundaries are exact and nobody waits for real seconds."""
     callbacks = receiver([(429, {"Retry-After": "2"}, b"", 0), (503, {"Retry-After": "1"}, b"", 0),
                           (200, {}, b"", 0)])
-    d = daemon(async_config(callbacks.url)).start()
-    d.post({"user_id": "u", "message": "hello"})
-    first, second, third = callbacks.wait_for(3, timeout=20)
-    assert second["at"] - first["at"] >= 1.9
-    assert third["at"] - second["at"] >= 0.9
-    assert d.stop() == 0
+    now = [time.time()]
+    store.clock = lambda: now[0]
+    config = make_config(webhook={"outbound_url": callbacks.url},
+                         delivery={"retry_schedule": "100ms, 100ms, 100ms, 100ms, 100ms"})
+    dispatcher = aibutler.CallbackDispatcher(config, store, vault, clock=store.clock)
+    with store.transaction(durable=True) as db:
+        store.add_delivery(db, "msg-1", "u", {"message_id": "msg-1", "reply": "hello"})
+
+    def sent_after(seconds):
+        now[0] += seconds
+        dispatcher.work()
+        return len(callbacks.requests)
+    assert sent_after(0) == 1               # 429, Retry-After: 2
+    assert sent_after(1.9) == 1             # not the schedule's 100 ms: the receiver's 2 s
+    assert sent_after(0.1) == 2             # 503, Retry-After: 1
+    assert sent_after(0.9) == 2             # not yet: Retry-After: 1
+    assert sent_after(0.1) == 3             # 200
+    assert sent_after(3600) == 3            # delivered: never sent again
+    assert [r["headers"]["webhook-id"] for r in callbacks.requests] == ["msg-1"] * 3
 
 
 @pytest.mark.parametrize("status", [400, 410])
@@ -56,18 +81,20 @@ def test_no_retry_on_final_4xx_and_the_operator_can_retry(daemon, receiver, stat
     callbacks = receiver([(status, {}, b"", 0), (200, {}, b"", 0)])
     d = daemon(async_config(callbacks.url)).start()
     _, _, accepted = d.post({"user_id": "u", "message": "hello"})
+    message_id = accepted["message_id"]
     callbacks.wait_for(1)
-    time.sleep(1.0)
-    assert len(callbacks.requests) == 1
-    d.wait_log(f"FAILED for good.*HTTP {status}")
+    d.wait_log(f"delivery {message_id}: FAILED for good.*HTTP {status}")
+    assert len(callbacks.requests) == 1  # failed for good: no attempt after the first
     failed = d.cli("deliveries", "list", "--failed").stdout
-    assert accepted["message_id"] in failed
-    d.cli("deliveries", "retry", accepted["message_id"])
+    assert message_id in failed
+    d.cli("deliveries", "retry", message_id)
     callbacks.wait_for(2)
-    time.sleep(0.3)
+    d.wait_log(f"delivery {message_id}: delivered")
+    assert_nothing_left(d)
     assert "delivered" in d.cli("deliveries", "list").stdout
     assert d.cli("deliveries", "retry", check=False).returncode == 2
     assert d.stop() == 0
+    assert len(callbacks.requests) == 2
     purged = d.cli("deliveries", "purge", "--older-than", "0s")
     assert "purged 1" in purged.stderr
     assert d.cli("deliveries", "list").stdout == ""
@@ -76,12 +103,12 @@ def test_no_retry_on_final_4xx_and_the_operator_can_retry(daemon, receiver, stat
 def test_gives_up_after_the_schedule_and_logs_loudly(daemon, receiver):
     callbacks = receiver([(500, {}, b"", 0)])
     d = daemon(async_config(callbacks.url)).start()
-    d.post({"user_id": "u", "message": "hello"})
+    _, _, accepted = d.post({"user_id": "u", "message": "hello"})
     callbacks.wait_for(6)
     d.wait_log("gave up after 6 attempts")
-    time.sleep(0.5)
+    assert accepted["message_id"] in d.cli("deliveries", "list", "--failed").stdout
+    assert d.stop() == 0  # the stop sends whatever is still due
     assert len(callbacks.requests) == 6
-    assert d.stop() == 0
 
 
 def test_callbacks_are_signed_per_standard_webhooks(daemon, receiver):
@@ -114,7 +141,9 @@ def test_signing_can_be_turned_off(daemon, receiver):
 
 @pytest.mark.parametrize("moment", ["right after 202", "during the turn"])
 def test_sigkill_after_202_loses_nothing(daemon, receiver, moment):
-    model = receiver([ok(openai_text("slow answer"), delay=1.5)])
+    thinking = threading.Event()  # the first model call answers only after the kill
+    model = receiver([held(ok(openai_text("slow answer")), thinking),
+                      ok(openai_text("slow answer"))])
     callbacks = receiver()
     d = daemon(async_config(callbacks.url) + model_config(model.url)).start()
     status, _, accepted = d.post({"user_id": "u", "message": "hi"})
@@ -122,15 +151,17 @@ def test_sigkill_after_202_loses_nothing(daemon, receiver, moment):
     if moment == "during the turn":
         model.wait_for(1)
     d.kill()
+    thinking.set()
     assert callbacks.requests == []
     d.start()
     if moment == "during the turn":
         d.wait_log(r"recovered from the last run: 1 turn")
     body = callbacks.wait_for(1)[0]["json"]
     assert body["message_id"] == accepted["message_id"] and body["reply"] == "slow answer"
-    time.sleep(0.3)
+    d.wait_log(rf"delivery {accepted['message_id']}: delivered")
+    assert_nothing_left(d)
+    assert d.stop() == 0  # the stop sends whatever is still due
     assert len(callbacks.requests) == 1
-    assert d.stop() == 0
 
 
 def test_sigkill_with_a_callback_in_flight_resends_it(daemon, receiver):
@@ -169,15 +200,24 @@ def test_idempotent_replay_in_sync_mode_and_across_a_restart(daemon, receiver):
 
 
 def test_a_repeat_during_the_first_run_waits_for_it(daemon, receiver):
-    model = receiver([ok(openai_text("only once"), delay=1.5), ok(openai_text("twice!"))])
+    thinking = threading.Event()
+    model = receiver([held(ok(openai_text("only once")), thinking), ok(openai_text("twice!"))])
     d = daemon(model_config(model.url)).start()
     message = {"user_id": "u", "message": "book a table"}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(d.post, message, {"Idempotency-Key": "same"})
-        time.sleep(0.3)
-        second = pool.submit(d.post, message, {"Idempotency-Key": "same"})
+        try:
+            first = pool.submit(d.post, message, {"Idempotency-Key": "same"})
+            model.wait_for(1)  # the first run is in the model
+            second = pool.submit(d.post, message, {"Idempotency-Key": "same"})
+            # Nothing the daemon shows tells that the repeat has arrived and waits,
+            # so it gets a moment; were it late, it would get the stored answer.
+            time.sleep(0.3)
+            assert not second.done()  # the repeat neither runs again nor fails meanwhile
+        finally:
+            thinking.set()
         results = [first.result(), second.result()]
     assert [r[2]["reply"] for r in results] == ["only once", "only once"]
+    assert results[1][1]["Idempotent-Replayed"] == "true"
     assert len(model.requests) == 1
     assert d.stop() == 0
 
@@ -194,15 +234,19 @@ def test_idempotent_replay_in_async_mode(daemon, receiver):
     d.start()
     status, _, third = d.post(message, {"Idempotency-Key": "pay-1"})
     assert status == 202 and third == first
-    time.sleep(1.0)
+    # nothing was queued by the replays, and the stop sends whatever is due,
+    # so a second callback would be here by then
+    assert_nothing_left(d)
+    assert d.stop() == 0
     assert len(callbacks.requests) == 1
     facts = [r["json"] for r in callbacks.requests]
     assert facts[0]["tool_calls"][0]["name"] == "remember"
-    assert d.stop() == 0
+    assert len(d.cli("deliveries", "list").stdout.splitlines()) == 1
 
 
 def test_queue_full_is_503_with_retry_after(daemon, receiver):
-    model = receiver([ok(openai_text("slow"), delay=2)])
+    thinking = threading.Event()  # the one worker stays busy with the first message
+    model = receiver([held(ok(openai_text("slow")), thinking)])
     callbacks = receiver()
     d = daemon(async_config(callbacks.url, "max_pending = 2\nworkers = 1\n")
                + model_config(model.url)).start()
@@ -213,57 +257,94 @@ def test_queue_full_is_503_with_retry_after(daemon, receiver):
     status, _, ready = d.get("/readyz")
     assert status == 503 and ready["checks"]["queue"] is False
     d.kill()
+    thinking.set()
 
 
 def test_one_users_messages_are_processed_in_order(daemon, receiver):
-    model = receiver([ok(openai_text("ok"), delay=0.3)])
+    thinking = threading.Event()  # no turn ends before every message is queued
+    model = receiver([held(ok(openai_text("ok")), thinking)])
     callbacks = receiver()
     d = daemon(async_config(callbacks.url, "workers = 3\n") + model_config(model.url)).start()
     for i in range(4):
-        d.post({"user_id": "alice", "message": f"alice {i}"})
-        d.post({"user_id": "bob", "message": f"bob {i}"})
+        assert d.post({"user_id": "alice", "message": f"alice {i}"})[0] == 202
+        assert d.post({"user_id": "bob", "message": f"bob {i}"})[0] == 202
+    model.wait_for(2)  # alice's and bob's first turns; the third worker must wait
+    thinking.set()
     callbacks.wait_for(8, timeout=30)
     seen = [r["json"]["messages"][-1]["content"] for r in model.requests]
     assert [m for m in seen if m.startswith("alice")] == [f"alice {i}" for i in range(4)]
     assert [m for m in seen if m.startswith("bob")] == [f"bob {i}" for i in range(4)]
+    # each turn began after the one before had ended: the model sees it in the history
+    for request in model.requests:
+        *history, new = [m["content"] for m in request["json"]["messages"][1:]]
+        user, number = new.split()
+        assert history == [text for i in range(int(number)) for text in (f"{user} {i}", "ok")]
     assert d.stop() == 0
 
 
 def test_sigterm_lets_in_flight_work_finish(daemon, receiver):
-    model = receiver([ok(openai_text("finished anyway"), delay=1.5)])
+    thinking = threading.Event()  # the model answers only once the stop has begun
+    model = receiver([held(ok(openai_text("finished anyway")), thinking)])
     d = daemon(model_config(model.url)).start()
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(
         result=d.post({"user_id": "u", "message": "slow one"})))
     thread.start()
     model.wait_for(1)
-    assert d.stop(signal.SIGTERM) == 0
+    d.proc.send_signal(signal.SIGTERM)
+    d.wait_closed()
+    thinking.set()
+    assert d.wait() == 0
     thread.join(10)
     status, _, body = outcome["result"]
     assert status == 200 and body["reply"] == "finished anyway"
 
 
 def test_sigterm_sends_the_reply_of_an_async_turn_in_flight(daemon, receiver):
-    model = receiver([ok(openai_text("async finished"), delay=1.5)])
+    thinking = threading.Event()  # the model answers only once the stop has begun
+    model = receiver([held(ok(openai_text("async finished")), thinking)])
     callbacks = receiver()
     d = daemon(async_config(callbacks.url) + model_config(model.url)).start()
     d.post({"user_id": "u", "message": "one"})
     model.wait_for(1)
-    assert d.stop(signal.SIGTERM) == 0
+    d.proc.send_signal(signal.SIGTERM)
+    d.wait_closed()
+    thinking.set()
+    assert d.wait() == 0
     assert callbacks.requests[0]["json"]["reply"] == "async finished"
 
 
 def test_sigterm_keeps_unstarted_work_for_the_next_start(daemon, receiver):
-    model = receiver([ok(openai_text("done"), delay=1.0)])
+    thinking = threading.Event()  # the first turn ends only once the stop has begun
+    # Nothing the daemon shows tells when its worker stops taking new turns, so
+    # under load the worker may start m1 between the port closing and that
+    # moment; m1's model call is then held past the exit (the stop waits out
+    # shutdown_timeout and leaves it for the next start) and never answered
+    # before it, so exactly m0 is delivered before the exit either way.
+    second = threading.Event()
+    model = receiver([held(ok(openai_text("done")), thinking),
+                      held(ok(openai_text("done")), second), ok(openai_text("done"))])
     callbacks = receiver()
     d = daemon(async_config(callbacks.url, "workers = 1\n") + model_config(model.url)
                + "[server]\nshutdown_timeout = 3s\n").start()
+    accepted = []
     for i in range(3):
-        assert d.post({"user_id": "u", "message": f"m{i}"})[0] == 202
+        status, _, body = d.post({"user_id": "u", "message": f"m{i}"})
+        assert status == 202
+        accepted.append(body["message_id"])
     model.wait_for(1)
-    assert d.stop(signal.SIGTERM) == 0
-    delivered = len(callbacks.requests)
-    assert delivered < 3
+    d.proc.send_signal(signal.SIGTERM)
+    d.wait_closed()
+    thinking.set()
+    assert d.wait() == 0
+    second.set()
+    delivered = [r["json"]["message_id"] for r in callbacks.requests]
+    assert delivered == accepted[:1]  # the turn in flight finished; the others wait
     d.start()
     callbacks.wait_for(3, timeout=20)
+    d.wait_log(rf"delivery {accepted[2]}: delivered")
+    assert_nothing_left(d)
     assert d.stop() == 0
+    arrived = collections.Counter(r["json"]["message_id"] for r in callbacks.requests)
+    assert arrived == collections.Counter(accepted)  # each one, exactly once
+    assert [r["json"]["reply"] for r in callbacks.requests] == ["done"] * 3

@@ -4,8 +4,10 @@ import json
 import pathlib
 import time
 
+import pytest
+
 import aibutler
-from conftest import SECRET, auth, make_config
+from conftest import SECRET, auth, make_config, ok, openai_text
 
 MESSAGE = {"user_id": "user-123", "message": "What is 6 * 7?",
            "metadata": {"platform": "my-chat-app", "location": "Madrid"}}
@@ -145,16 +147,41 @@ def test_idle_session_starts_a_new_one(app_for, store):
     assert post(client, body={"user_id": "a", "message": "hello"}).json["session_id"] != first
 
 
-def test_history_is_capped(app_for, store):
-    client = app_for(sessions={"max_history": "4"})
+def model_client(app_for, receiver, **sections):
+    """A client whose agent talks to a fake OpenAI-style model that always says "ok"."""
+    model = receiver([ok(openai_text("ok"))])
+    client = app_for(agent={"provider": "openai", "base_url": model.url, "model": "m"},
+                     **sections)
+    return client, model
+
+
+def test_history_is_capped(app_for, store, receiver):
+    # two users taking turns: each one is shown the newest messages of their own session
+    client, model = model_client(app_for, receiver, sessions={"max_history": "4"})
     for i in range(40):
-        sid = post(client, body={"user_id": "a", "message": f"hello {i}"}).json["session_id"]
-    history = client.butler.agent.store.history(sid, 4)  # what the next turn is shown
-    assert [m["content"] for m in history if m["role"] == "user"] == ["hello 38", "hello 39"]
-    stored = store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-    assert stored == 4  # trimmed as it goes, not kept forever
+        user = "ab"[i % 2]
+        post(client, body={"user_id": user, "message": f"{user} {i}"})
+    for request, user in zip(model.requests[-2:], "ab"):
+        shown = [m["content"] for m in request["json"]["messages"][1:]]
+        last = 38 if user == "a" else 39
+        assert shown == [f"{user} {last - 4}", "ok", f"{user} {last - 2}", "ok", f"{user} {last}"]
     store.prune(86400, 4)
-    assert store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 4
+    assert store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2 * 4
+    for user in "ab":  # what the prune kept is what the next turn is shown
+        post(client, body={"user_id": user, "message": "again"})
+        last = 38 if user == "a" else 39
+        assert [m["content"] for m in model.requests[-1]["json"]["messages"][1:-1]] == [
+            f"{user} {last - 2}", "ok", f"{user} {last}", "ok"]
+
+
+@pytest.mark.parametrize("users", ["a", "ab"], ids=["one user", "two users taking turns"])
+def test_history_is_trimmed_as_it_goes(app_for, store, users):
+    client = app_for(sessions={"max_history": "4"})
+    for i in range(200):
+        user = users[i % len(users)]
+        post(client, body={"user_id": user, "message": f"hello {i}"})
+    stored = store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    assert stored == len(users) * 4  # trimmed as it goes, not kept forever
 
 
 def test_channel_and_user_rate_limits_answer_429_with_retry_after(app_for):
@@ -173,13 +200,15 @@ def test_channel_and_user_rate_limits_answer_429_with_retry_after(app_for):
     assert int(result.headers["retry-after"]) > 60
 
 
-def test_attachments_reach_the_model_as_references(app_for, store):
-    client = app_for()
+def test_attachments_reach_the_model_as_references(app_for, receiver):
+    client, model = model_client(app_for, receiver)
     body = dict(MESSAGE, attachments=[{"url": "https://example.com/a.png", "type": "image/png",
                                        "name": "a.png"}])
     assert post(client, body=body).status_code == 200
-    rendered = aibutler.render_user_message(aibutler.validate_message(body))
-    assert "https://example.com/a.png" in rendered and "Madrid" in rendered
+    seen = model.requests[0]["json"]["messages"][-1]["content"]  # what the model was sent
+    assert seen.startswith(MESSAGE["message"])
+    assert "https://example.com/a.png" in seen and "Madrid" in seen
+    assert "a.png (image/png)" in seen
 
 
 def test_unexpected_errors_are_a_plain_500_and_the_daemon_goes_on(app_for):
@@ -212,10 +241,16 @@ def test_config_example_lists_every_key_with_its_default(tmp_path):
 
 
 def test_rate_limit_buckets_stay_bounded():
+    limiter = aibutler.RateLimiter((1, 3600.0), max_keys=100)
+    for i in range(5000):
+        assert limiter.take(f"user-{i}") == 0  # each one's hourly message, used up
+    # the newest 100 users are remembered, and limited ...
+    assert all(limiter.take(f"user-{i}") > 0 for i in range(4999, 4899, -1))
+    # ... but no more than that: the oldest was forgotten, so the table is bounded
+    assert limiter.take("user-0") == 0
     limiter = aibutler.RateLimiter((5, 60.0), max_keys=100)
     for i in range(5000):
         assert limiter.take(f"user-{i}") == 0
-    assert len(limiter._buckets) <= 100
     for _ in range(5):
         limiter.take("busy")
     assert limiter.take("busy") > 0  # a bounded table still limits the user in it
