@@ -56,19 +56,21 @@ import urllib.parse
 import urllib.request
 from http import HTTPStatus
 
-try:
-    import zoneinfo
-except ImportError:  # pragma: no cover - Python 3.9+ always has it
-    zoneinfo = None
+import zoneinfo
 
-try:
-    import falcon
-except ImportError:  # `--help`, `vault` and `deliveries` work without it; `run` says what to install
-    falcon = None
+falcon = waitress = None  # imported by load_web_stack(), for serving only
 
-# ============================================================================
-# Constants
-# ============================================================================
+
+def load_web_stack():
+    """Import falcon and waitress on first use: `--help`, `vault` and `deliveries`
+    start faster without them, and work where they are not installed."""
+    global falcon, waitress
+    if falcon is None or waitress is None:
+        import falcon as falcon_module
+        import waitress as waitress_module
+        falcon, waitress = falcon_module, waitress_module
+
+# === Constants ==============================================================
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 EXIT_CANNOT_LISTEN = 69  # the port is taken: the unit's RestartPreventExitStatus= lists it
@@ -81,9 +83,7 @@ INSTALL_HINT = ("pip install falcon waitress  (or on Debian/Raspberry Pi OS: "
 log = logging.getLogger("aibutler")
 
 
-# ============================================================================
-# Errors
-# ============================================================================
+# === Errors =================================================================
 
 class ConfigError(Exception):
     """The configuration cannot be used; `run` exits 78 so systemd stops retrying."""
@@ -123,9 +123,7 @@ def error_dict(status, description, title=None, field=None):
     return body
 
 
-# ============================================================================
-# Config
-# ============================================================================
+# === Config =================================================================
 
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600}
@@ -158,12 +156,10 @@ def parse_rate(text):
 
 
 def parse_bool(text):
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
+    value = configparser.ConfigParser.BOOLEAN_STATES.get(str(text).strip().lower())
+    if value is None:
+        raise ValueError("expected true or false")
+    return value
 
 
 def parse_positive_int(text):
@@ -347,7 +343,7 @@ CONFIG_SCHEMA = {
     },
 }
 
-# Environment variables that override a config key (the page documents the first two).
+# Environment variables that override a config key.
 ENV_OVERRIDES = {
     "AIBUTLER_WEBHOOK_OUTBOUND_URL": ("channels.webhook", "outbound_url"),
     "AIBUTLER_WEBHOOK_AUTH_TYPE": ("channels.webhook", "auth_type"),
@@ -373,6 +369,26 @@ class Config:
     @property
     def async_mode(self):
         return bool(self.webhook.outbound_url)
+
+
+class Settings:
+    """The config in force, shared by every part that reads settings: a reload
+    (SIGHUP) swaps it here with one assignment, and every part sees the new
+    values at its next read. Reads go through: settings.webhook.path."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __getattr__(self, name):
+        return getattr(self.config, name)
+
+
+TURN_SLACK = 5.0  # seconds a turn may take beyond its model calls (tools, sqlite)
+
+
+def turn_time_limit(settings):
+    """The longest a turn can take: every model call of max_steps timing out."""
+    return settings.agent.timeout * settings.agent.max_steps + TURN_SLACK
 
 
 def section_defaults(section):
@@ -531,9 +547,7 @@ def one_line(exc):
     return " ".join(str(exc).split())
 
 
-# ============================================================================
-# Vault
-# ============================================================================
+# === Vault ==================================================================
 
 class Vault:
     """Named secrets. Lookup order: environment AIBUTLER_<NAME>, then the systemd
@@ -548,7 +562,8 @@ class Vault:
 
     NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
     # AIBUTLER_<NAME> of these is a setting, not a secret: such entries could never be read.
-    RESERVED = {"data", "config", "host", "port", "webhook_outbound_url", "webhook_auth_type"}
+    RESERVED = {"data", "config"} | {variable[len("AIBUTLER_"):].lower()
+                                     for variable in ENV_OVERRIDES}
 
     STAT_EVERY = 1.0  # seconds between checks of the file for changes
 
@@ -713,9 +728,7 @@ def accepted_secrets(vault, grace, now=None):
     return found
 
 
-# ============================================================================
-# Storage (sqlite)
-# ============================================================================
+# === Storage (sqlite) =======================================================
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -797,6 +810,8 @@ class Store:
             raise DataDirError(f"{path}: cannot use the database: {exc} (move the file "
                                "aside to start with an empty one)") from None
 
+    BUSY_TIMEOUT_MS = 10000  # how long a write waits for another process (the CLI)
+
     def conn(self, durable=False):
         """This thread's connection. The durable one syncs the WAL to disk on
         every commit (synchronous=FULL), for promises made to a sender; the
@@ -809,7 +824,7 @@ class Store:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
-            db.execute("PRAGMA busy_timeout=10000")
+            db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
             setattr(self._local, name, db)
         return db
 
@@ -1140,7 +1155,9 @@ class Store:
                                 (webhook_id, timestamp, now))
             return cursor.rowcount == 0
 
-    def prune(self, idempotency_ttl, max_history, keep_done=7 * 86400):
+    KEEP_FINISHED = 7 * 86400  # seconds finished jobs and delivered callbacks are kept
+
+    def prune(self, idempotency_ttl, max_history, keep_done=KEEP_FINISHED):
         """Keep the file from growing without bound on a device left alone for months."""
         now = self.clock()
         with self.transaction() as db:
@@ -1152,15 +1169,13 @@ class Store:
                        (now - keep_done,))
 
 
-# ============================================================================
-# Metrics (Prometheus text format, standard library only)
-# ============================================================================
+# === Metrics (Prometheus text format) =======================================
 
 class Metrics:
     """Counters, histograms and gauges, rendered as Prometheus text at /metrics."""
 
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-    HELP = {
+    DECLARED = {
         "aibutler_http_requests_total": ("counter", "HTTP requests by path and status."),
         "aibutler_http_request_seconds": ("histogram", "HTTP request latency."),
         "aibutler_agent_turns_total": ("counter", "Agent turns by provider and outcome."),
@@ -1181,13 +1196,18 @@ class Metrics:
         self._histograms = {}
         self._gauges = {}
 
+    def _key(self, name, labels):
+        if name not in self.DECLARED:  # a typo would be counted and never rendered
+            raise KeyError(f"metric {name!r} is not declared in Metrics.DECLARED")
+        return (name, tuple(labels))
+
     def inc(self, name, labels=(), value=1):
-        key = (name, tuple(labels))
+        key = self._key(name, labels)
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + value
 
     def observe(self, name, labels, seconds):
-        key = (name, tuple(labels))
+        key = self._key(name, labels)
         with self._lock:
             counts = self._histograms.setdefault(key, [0] * (len(self.BUCKETS) + 2))
             for i, bound in enumerate(self.BUCKETS):
@@ -1197,6 +1217,7 @@ class Metrics:
             counts[-1] += 1
 
     def gauge(self, name, func):
+        self._key(name, ())
         self._gauges[name] = func
 
     def value(self, name, labels=()):
@@ -1207,7 +1228,7 @@ class Metrics:
         with self._lock:
             counters = dict(self._counters)
             histograms = {key: list(counts) for key, counts in self._histograms.items()}
-        for name, (kind, help_text) in self.HELP.items():
+        for name, (kind, help_text) in self.DECLARED.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             if kind == "counter":
                 for (metric, labels), value in sorted(counters.items()):
@@ -1238,12 +1259,23 @@ def format_labels(labels):
     return "{" + ",".join(escaped) + "}"
 
 
-# ============================================================================
-# Agent: tools
-# ============================================================================
+# === Agent: tools ===========================================================
 
 class ToolError(Exception):
     """A tool could not do what was asked; the model sees the message and goes on."""
+
+
+class ToolContext:
+    """What a tool knows of the turn it runs in."""
+
+    __slots__ = ("user_id", "session_id", "metadata", "store", "message_id")
+
+    def __init__(self, user_id, session_id, metadata, store, message_id=None):
+        self.user_id = user_id
+        self.session_id = session_id
+        self.metadata = metadata
+        self.store = store
+        self.message_id = message_id
 
 
 class Tool:
@@ -1283,14 +1315,15 @@ def schema_problem(schema, value, path="arguments"):
 
 
 class ToolRegistry:
-    def __init__(self, metrics=None):
+    def __init__(self, metrics):
         self.tools = {}
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
 
     def register(self, tool):
         self.tools[tool.name] = tool
 
-    def specs(self):
+    def offered(self):
+        """The tools the model is offered, in registration order."""
         return list(self.tools.values())
 
     def invoke(self, call, ctx):
@@ -1620,11 +1653,10 @@ class WeatherTool:
         return answer
 
 
-def build_tools(store, notifier=None, metrics=None, settings=None):
-    """The tool registry every provider is offered: those of `settings` ([tools])
-    enabled. `notifier(ctx, message)` queues a message to the outbound URL;
-    webhook_send exists only when one is given."""
-    settings = settings or section_defaults("tools")
+def build_tools(settings, metrics, notifier=None):
+    """The tool registry every provider is offered: those the [tools] section
+    (`settings`) enables. `notifier(ctx, message)` queues a message to the
+    outbound URL; webhook_send exists only when one is given."""
     registry = ToolRegistry(metrics)
 
     def offer(tool):
@@ -1669,9 +1701,7 @@ def build_tools(store, notifier=None, metrics=None, settings=None):
     return registry
 
 
-# ============================================================================
-# Agent: model providers
-# ============================================================================
+# === Agent: model providers =================================================
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
@@ -1860,7 +1890,7 @@ class BuiltinModel:
                 "provider = openai (OpenAI, Ollama, llama.cpp...) or anthropic in config.ini "
                 "and store the key with `python aibutler.py vault set openai_api_key` "
                 "(see the README).")
-    HELP = ("I'm AI Butler. Without a language model I can: tell the time and date "
+    HELP_TEXT = ("I'm AI Butler. Without a language model I can: tell the time and date "
             "(\"what time is it?\"), give the current weather (\"what's the weather in "
             "Madrid?\"), calculate (\"what is 17 * 23?\"), remember facts (\"remember that "
             "my locker is 42\") and recall them (\"what is my locker?\", \"what do you "
@@ -1871,7 +1901,7 @@ class BuiltinModel:
                    "([tools] enabled).")
     GREETING = re.compile(r"^\s*(hi|hello|hey|hiya|howdy|greetings|good (morning|afternoon|"
                           r"evening|day))\b", re.I)
-    HELP_RE = re.compile(r"\b(help|what can you do)\b", re.I)
+    ASKS_FOR_HELP = re.compile(r"\b(help|what can you do)\b", re.I)
     REMEMBER = re.compile(r"^\s*(please\s+)?remember(\s+that)?\s+(?P<fact>.+?)\s*\.?\s*$",
                           re.I | re.S)
     RECALL = re.compile(r"\b(what do you (remember|know)|what did i tell you|recall)\b"
@@ -1922,9 +1952,9 @@ class BuiltinModel:
         if self.TIME.search(text):
             return call("current_time")
         if self.GREETING.match(text):
-            return ModelReply("Hello! " + self.HELP)
-        if self.HELP_RE.search(text):
-            return ModelReply(self.HELP)
+            return ModelReply("Hello! " + self.HELP_TEXT)
+        if self.ASKS_FOR_HELP.search(text):
+            return ModelReply(self.HELP_TEXT)
         words = Store.recall_words(text)
         if words and self.QUESTION.search(text):  # maybe something the user told us
             return call("recall", query=" ".join(words))
@@ -2026,7 +2056,7 @@ class HTTPModel:
     TEMPORARY = frozenset({429, 503, 529})  # 529: Anthropic's overloaded_error
 
     def __init__(self, agent_config, vault, clock=time.monotonic, sleep=time.sleep):
-        self.config = agent_config
+        self.agent = agent_config  # the [agent] section
         self.vault = vault
         self.clock = clock
         self.sleep = sleep
@@ -2039,7 +2069,7 @@ class HTTPModel:
 
     def post(self, url, payload, headers):
         """POST JSON and return the parsed answer; every failure is an ApiError."""
-        deadline = self.clock() + self.config.timeout
+        deadline = self.clock() + self.agent.timeout
         data = json.dumps(payload).encode()
         headers = dict(headers, **{"Content-Type": "application/json", "User-Agent": USER_AGENT})
         for attempt in range(1, self.MAX_ATTEMPTS + 1):
@@ -2087,7 +2117,7 @@ class HTTPModel:
 
     def _timeout(self):
         return ApiError(504, f"the {self.name} model did not answer within "
-                             f"{self.config.timeout:g}s ([agent] timeout)")
+                             f"{self.agent.timeout:g}s ([agent] timeout)")
 
 
 def provider_message(body):
@@ -2121,7 +2151,7 @@ class OpenAIModel(HTTPModel):
         """max_completion_tokens for api.openai.com and reasoning models, max_tokens
         for the rest (Ollama's /v1 knows only that one); [agent] max_tokens_param
         forces either."""
-        forced = self.config.max_tokens_param
+        forced = self.agent.max_tokens_param
         if forced != "auto":
             return forced
         official = urllib.parse.urlsplit(self.base_url).hostname == "api.openai.com"
@@ -2130,9 +2160,9 @@ class OpenAIModel(HTTPModel):
 
     def complete(self, system, messages, tools):
         payload = {"model": self.model, "messages": self._messages(system, messages),
-                   self.token_limit_key(): self.config.max_tokens}
-        if self.config.temperature is not None:
-            payload["temperature"] = self.config.temperature
+                   self.token_limit_key(): self.agent.max_tokens}
+        if self.agent.temperature is not None:
+            payload["temperature"] = self.agent.temperature
         if tools:
             payload["tools"] = [{"type": "function", "function": {
                 "name": t.name, "description": t.description, "parameters": t.parameters}}
@@ -2203,10 +2233,10 @@ class AnthropicModel(HTTPModel):
     REFUSED = "(the model declined to answer)"
 
     def complete(self, system, messages, tools):
-        payload = {"model": self.model, "system": system, "max_tokens": self.config.max_tokens,
+        payload = {"model": self.model, "system": system, "max_tokens": self.agent.max_tokens,
                    "messages": self._messages(messages)}
-        if self.config.temperature is not None:
-            payload["temperature"] = self.config.temperature
+        if self.agent.temperature is not None:
+            payload["temperature"] = self.agent.temperature
         if tools:
             payload["tools"] = [{"name": t.name, "description": t.description,
                                  "input_schema": t.parameters} for t in tools]
@@ -2268,9 +2298,7 @@ def build_model(agent_config, vault):
     return BuiltinModel()
 
 
-# ============================================================================
-# Agent: the turn loop and sessions
-# ============================================================================
+# === Agent: the turn loop ===================================================
 
 def render_user_message(request):
     """The new message as the model sees it: the text, then what the sender
@@ -2282,7 +2310,7 @@ def render_user_message(request):
     for item in request.get("attachments") or ():
         label = " ".join(x for x in (item.get("name"), f"({item['type']})"
                                      if item.get("type") else None) if x)
-        parts.append(f"Attachment {label}: {item['url']}".replace("  ", " "))
+        parts.append(f"Attachment {label}: {item['url']}")
     return "\n\n".join(parts)
 
 
@@ -2292,12 +2320,12 @@ class Agent:
     max_steps model calls are used. Only the user's message and the final reply
     are kept in the session's history."""
 
-    def __init__(self, model, tools, store, config, metrics=None):
+    def __init__(self, model, tools, store, settings, metrics):
         self.model = model
         self.tools = tools
         self.store = store
-        self.config = config
-        self.metrics = metrics or Metrics()
+        self.settings = settings
+        self.metrics = metrics
 
     def system_prompt(self, metadata):
         zone = metadata.get("timezone") if isinstance(metadata.get("timezone"), str) else None
@@ -2306,21 +2334,20 @@ class Agent:
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             now = None
         now = now or datetime.datetime.now().astimezone()
-        return (f"{self.config.agent.system_prompt}\n\n"
+        return (f"{self.settings.agent.system_prompt}\n\n"
                 f"Current date and time: {now:%A} {now.isoformat(timespec='minutes')}.")
 
     def run_turn(self, request, session_id, message_id=None):
         """Returns {"reply", "session_id", "tool_calls"} (and "truncated": true when the
         token limit cut the reply off); raises ApiError."""
-        agent, sessions = self.config.agent, self.config.sessions
+        agent, sessions = self.settings.agent, self.settings.sessions
         metadata = request.get("metadata") or {}
-        ctx = types.SimpleNamespace(user_id=request["user_id"], session_id=session_id,
-                                    metadata=metadata, store=self.store, message_id=message_id)
+        ctx = ToolContext(request["user_id"], session_id, metadata, self.store, message_id)
         messages = self.store.history(session_id, sessions.max_history)
         messages.append({"role": "user", "content": render_user_message(request),
                          "text": request["message"]})
         system = self.system_prompt(metadata)
-        tools = self.tools.specs()
+        tools = self.tools.offered()
         records = []
         outcome = "error"
         truncated = False
@@ -2364,10 +2391,7 @@ class Agent:
         return result
 
 
-# ============================================================================
-# Delivery: the inbox (sync turns, durable async accept, idempotency),
-# turn workers and the callback dispatcher
-# ============================================================================
+# === Delivery: inbox, turn workers, callback dispatcher =====================
 
 def sign_payload(secret, message_id, timestamp, body):
     """Standard Webhooks v1: base64 HMAC-SHA256 of "id.timestamp.body", keyed
@@ -2382,25 +2406,8 @@ def request_fingerprint(request):
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class Signal:
-    """Wakes one waiting thread per notify(); a notify with nobody waiting is kept
-    for the next wait, so work that arrives between a poll and a wait is not
-    left for the poll interval."""
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._pending = 0
-
-    def notify(self, count=1):
-        with self._cv:
-            self._pending += count
-            self._cv.notify(count)
-
-    def wait(self, timeout):
-        with self._cv:
-            if self._pending == 0:
-                self._cv.wait(timeout)
-            self._pending = max(0, self._pending - 1)
+QUEUE_FULL_RETRY_AFTER = 30     # seconds a sender waits when max_pending is reached
+STILL_RUNNING_RETRY_AFTER = 10  # ... when a repeat outwaited the first request (409)
 
 
 class Inbox:
@@ -2409,8 +2416,10 @@ class Inbox:
     webhook-id) from the same user returns the stored answer instead of running
     the agent and its tools again."""
 
-    def __init__(self, config, store, agent, workers):
-        self.config = config
+    RECHECK_EVERY = 0.5  # seconds between looks at a repeat's first request, at most
+
+    def __init__(self, settings, store, agent, workers):
+        self.settings = settings
         self.store = store
         self.agent = agent
         self.workers = workers
@@ -2425,7 +2434,7 @@ class Inbox:
                 return replay
         try:
             session_id = self.store.resolve_session(user_id, request.get("session_id"),
-                                                    self.config.sessions.idle_timeout)
+                                                    self.settings.sessions.idle_timeout)
             if session_id is None:
                 raise unknown_session()
             result = self.agent.run_turn(request, session_id)
@@ -2443,7 +2452,7 @@ class Inbox:
     def accept(self, request, key=None):
         """Commit the message durably, then answer 202. Returns (status, body, replayed)."""
         user_id = request["user_id"]
-        delivery = self.config.delivery
+        delivery = self.settings.delivery
         with self.store.transaction(durable=True) as db:
             if key:
                 state, row = self.store.idempotency_begin(db, user_id, key,
@@ -2455,9 +2464,9 @@ class Inbox:
                     return row["status"], json.loads(row["response"]), True
             if self.store.pending_jobs() >= delivery.max_pending:
                 raise ApiError(503, f"the queue is full ({delivery.max_pending} messages "
-                                    "waiting); try again later", retry_after=30)
+                                    "waiting); try again later", retry_after=QUEUE_FULL_RETRY_AFTER)
             session_id = self.store.resolve_session(user_id, request.get("session_id"),
-                                                    self.config.sessions.idle_timeout, db)
+                                                    self.settings.sessions.idle_timeout, db)
             if session_id is None:
                 raise unknown_session()
             message_id = new_id("msg")
@@ -2473,12 +2482,11 @@ class Inbox:
         the first request with this key is still running."""
         user_id = request["user_id"]
         fingerprint = request_fingerprint(request)
-        agent = self.config.agent
-        deadline = time.monotonic() + agent.timeout * agent.max_steps + 30
+        deadline = time.monotonic() + turn_time_limit(self.settings)
         while True:
             with self.store.transaction() as db:
                 state, row = self.store.idempotency_begin(db, user_id, key, fingerprint,
-                                                          self.config.delivery.idempotency_ttl)
+                                                          self.settings.delivery.idempotency_ttl)
             if state == "new":
                 return None
             if state == "mismatch":
@@ -2487,9 +2495,10 @@ class Inbox:
                 return row["status"], json.loads(row["response"]), True
             if time.monotonic() > deadline:
                 raise ApiError(409, "a request with this idempotency key is still being "
-                                    "processed; try again later", retry_after=10)
+                                    "processed; try again later",
+                               retry_after=STILL_RUNNING_RETRY_AFTER)
             with self._finished:
-                self._finished.wait(0.5)
+                self._finished.wait(self.RECHECK_EVERY)
 
     def _announce(self):
         with self._finished:
@@ -2513,20 +2522,23 @@ class WorkerPool:
 
     An item whose state a failed write could not record (a full disk) stays
     'running' or 'sending' in sqlite; `rescue(held)` puts such items back in
-    line RESCUE_AFTER seconds later, and again until a write succeeds."""
+    line after rescue_delay(), and again until a write succeeds."""
 
-    RESCUE_AFTER = 5.0
+    RESCUE_FIRST, RESCUE_MAX = 1.0, 60.0  # seconds; doubled while writes keep failing
 
     def __init__(self, name, count, poll=1.0):
         self.name = name
         self.count = count
         self.poll = poll
-        self.signal = Signal()
+        # A release with nobody waiting is kept for the next acquire, so work that
+        # arrives between a poll and a wait is not left for the poll interval.
+        self.wakeups = threading.Semaphore(0)
         self._stopping = threading.Event()
         self._threads = []
         self._busy_since = {}
         self._holding = {}  # thread name -> the item (seq) it has in hand
         self._stranded_at = None
+        self._failures_in_a_row = 0
         self._rescue_lock = threading.Lock()
         self._drain_until = None
 
@@ -2538,7 +2550,7 @@ class WorkerPool:
             thread.start()
 
     def notify(self):
-        self.signal.notify()
+        self.wakeups.release()
 
     def hold(self, seq):
         """Called by work() once it has claimed an item."""
@@ -2549,7 +2561,7 @@ class WorkerPool:
         until none is or the deadline passes. What is left stays in sqlite."""
         self._drain_until = deadline if drain else None
         self._stopping.set()
-        self.signal.notify(len(self._threads))
+        self.wakeups.release(max(1, len(self._threads)))
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         busy = sorted(name for name in list(self._holding)
@@ -2573,11 +2585,14 @@ class WorkerPool:
             try:
                 self._busy_since[me] = time.monotonic()
                 did_work = self.work()
+                if did_work:
+                    self._failures_in_a_row = 0
             except Exception as exc:  # keep the thread alive; the item stays in sqlite
+                self._failures_in_a_row += 1
                 if isinstance(exc, sqlite3.Error) and is_storage_failure(exc):
                     log.error("%s: cannot write the database (%s); what it had in hand goes "
                               "back in line in %gs", me, storage_problem(exc),
-                              self.RESCUE_AFTER)
+                              self.rescue_delay())
                 else:
                     log.exception("%s: unexpected error", me)
                 self._stranded_at = time.monotonic()
@@ -2588,11 +2603,17 @@ class WorkerPool:
             if not did_work:
                 if self._stopping.is_set():
                     break
-                self.signal.wait(self.next_wait())
+                self.wakeups.acquire(timeout=self.next_wait())
+
+    def rescue_delay(self):
+        """1 s after a failure, doubling while items keep failing (each retry of a
+        turn is another model call), at most RESCUE_MAX."""
+        return min(self.RESCUE_FIRST * 2 ** max(0, self._failures_in_a_row - 1),
+                   self.RESCUE_MAX)
 
     def _rescue_stranded(self):
         failed_at = self._stranded_at
-        if failed_at is None or time.monotonic() - failed_at < self.RESCUE_AFTER:
+        if failed_at is None or time.monotonic() - failed_at < self.rescue_delay():
             return
         with self._rescue_lock:
             if self._stranded_at != failed_at:
@@ -2600,14 +2621,15 @@ class WorkerPool:
             try:
                 count = self.rescue(lambda: set(self._holding.values()))
             except sqlite3.Error as exc:
+                self._failures_in_a_row += 1
                 log.error("%s: still cannot write the database (%s); trying again in %gs",
-                          self.name, storage_problem(exc), self.RESCUE_AFTER)
+                          self.name, storage_problem(exc), self.rescue_delay())
                 self._stranded_at = time.monotonic()
                 return
             self._stranded_at = None
         if count:
             log.info("%s: %d item(s) back in line after a failed write", self.name, count)
-            self.signal.notify(count)
+            self.wakeups.release(count)
 
     def rescue(self, held):
         raise NotImplementedError
@@ -2679,12 +2701,14 @@ class CallbackDispatcher(WorkerPool):
     [delivery] retry_schedule with jitter; Retry-After is honoured on 429/503;
     other 4xx (but 408) are final."""
 
-    def __init__(self, config, store, vault, metrics=None, clock=time.time):
-        super().__init__("dispatcher", config.delivery.dispatchers)
-        self.config = config
+    NO_URL_RETRY_AFTER = 60.0  # seconds between looks for an outbound URL (set by reload)
+
+    def __init__(self, settings, store, vault, metrics, clock=time.time):
+        super().__init__("dispatcher", settings.delivery.dispatchers)
+        self.settings = settings
         self.store = store
         self.vault = vault
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self.clock = clock
 
     def queue_notification(self, ctx, message):
@@ -2714,7 +2738,7 @@ class CallbackDispatcher(WorkerPool):
         return True
 
     def headers(self, message_id, body):
-        webhook = self.config.webhook
+        webhook = self.settings.webhook
         secret = self.vault.get(SECRET_NAME) or ""
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                    "webhook-id": message_id}
@@ -2730,15 +2754,16 @@ class CallbackDispatcher(WorkerPool):
         return headers
 
     def deliver(self, row):
-        url = self.config.webhook.outbound_url
+        url = self.settings.webhook.outbound_url
         attempt = row["attempts"] + 1
         if not url:
-            self._retry(row, attempt, "no outbound URL is configured", retry_after=60)
+            self._retry(row, attempt, "no outbound URL is configured",
+                        retry_after=self.NO_URL_RETRY_AFTER)
             return
         body = row["body"].encode()
         try:
             status, headers, _ = http_post(url, body, self.headers(row["message_id"], body),
-                                           self.config.webhook.callback_timeout)
+                                           self.settings.webhook.callback_timeout)
         except Exception as exc:  # whatever went wrong, it is a failed attempt
             self._retry(row, attempt, attempt_error(exc))
             return
@@ -2755,7 +2780,7 @@ class CallbackDispatcher(WorkerPool):
             self._fail(row, attempt, f"HTTP {status}, which is not retried")
 
     def _retry(self, row, attempt, error, retry_after=None):
-        schedule = self.config.delivery.retry_schedule
+        schedule = self.settings.delivery.retry_schedule
         if attempt > len(schedule):
             self._fail(row, attempt, f"{error}; gave up after {attempt} attempts")
             return
@@ -2777,14 +2802,15 @@ class CallbackDispatcher(WorkerPool):
                       row["message_id"]))
 
 
-# ============================================================================
-# HTTP: rate limits, authentication, resources, create_app
-# ============================================================================
+# === HTTP: limits, authentication, resources, create_app ===================
+
+MAX_USERS_LIMITED = 10000  # token buckets kept at once (full ones are dropped first)
+
 
 class RateLimiter:
     """Token buckets, one per key; holds at most max_keys buckets (full ones go first)."""
 
-    def __init__(self, rate, max_keys=10000):
+    def __init__(self, rate, max_keys=MAX_USERS_LIMITED):
         self.capacity, period = rate
         self.refill = self.capacity / period if self.capacity else 0.0
         self.max_keys = max_keys
@@ -2823,11 +2849,11 @@ class Authenticator:
     MAX_ADDRESSES = 10000  # remembered failing or blocked addresses, each table
     SIGNATURE_TOLERANCE = 300
 
-    def __init__(self, config, vault, store, metrics=None, clock=time.time):
-        self.config = config
+    def __init__(self, settings, vault, store, metrics, clock=time.time):
+        self.settings = settings
         self.vault = vault
         self.store = store
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self.clock = clock
         self._failures = {}
         self._blocked = {}
@@ -2835,7 +2861,7 @@ class Authenticator:
 
     def client_address(self, req):
         address = req.remote_addr or ""
-        trusted = self.config.server.trusted_proxies
+        trusted = self.settings.server.trusted_proxies
         if not trusted or not ip_in(address, trusted):
             return address
         forwarded = [a.strip() for a in (req.get_header("X-Forwarded-For") or "").split(",")]
@@ -2874,7 +2900,7 @@ class Authenticator:
             raise self.failed(req, "replayed signed request")
 
     def secrets(self):
-        return accepted_secrets(self.vault, self.config.webhook.previous_secret_grace)
+        return accepted_secrets(self.vault, self.settings.webhook.previous_secret_grace)
 
     def failed(self, req, why):
         """Count a failed authentication; returns the error to raise: 401, or a
@@ -3036,43 +3062,78 @@ def is_json_media_type(content_type):
                                            and media.endswith("+json"))
 
 
+class Limits:
+    """[limits] as token buckets: one for the whole channel, one per user_id.
+    Buckets are rebuilt when a reload changes the rates."""
+
+    def __init__(self, settings, metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._rates = None
+        self._buckets = ()
+
+    def check(self, user_id):
+        """Raises 429 with Retry-After when either bucket is empty."""
+        rates = (self.settings.limits.rate, self.settings.limits.user_rate)
+        if rates != self._rates:
+            self._rates = rates
+            self._buckets = (("channel", "rate", RateLimiter(rates[0], max_keys=1), ""),
+                             ("user", "user_rate", RateLimiter(rates[1]), None))
+        for scope, key_name, limiter, key in self._buckets:
+            wait = limiter.take(user_id if key is None else key)
+            if wait:
+                self.metrics.inc("aibutler_rate_limited_total", (("scope", scope),))
+                raise ApiError(429, f"rate limit reached for this {scope} ([limits] "
+                                    f"{key_name})", retry_after=max(1, math.ceil(wait)))
+
+
+SHUTDOWN_RETRY_AFTER = 5  # seconds a sender is asked to wait while we restart
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def body_too_large(limit):
+    return ApiError(413, f"the body is larger than {limit} bytes ([server] max_body_bytes)")
+
+
 class WebhookResource:
     """POST /webhook/custom: authenticate, bound, parse, validate, limit, then run
     the turn (sync) or queue it (async)."""
 
-    def __init__(self, butler):
-        self.butler = butler
+    def __init__(self, settings, auth, limits, inbox, stopping):
+        self.settings = settings
+        self.auth = auth
+        self.limits = limits
+        self.inbox = inbox
+        self.stopping = stopping  # an Event set once the daemon stops
 
     def on_post(self, req, resp):
-        butler = self.butler
-        if butler.stopping:
-            raise ApiError(503, "the daemon is shutting down; try again shortly", retry_after=5)
-        how = butler.auth.check(req)
-        limit = butler.config.server.max_body_bytes
-        too_large = ApiError(413, f"the body is larger than {limit} bytes "
-                                  "([server] max_body_bytes)")
+        if self.stopping.is_set():
+            raise ApiError(503, "the daemon is shutting down; try again shortly",
+                           retry_after=SHUTDOWN_RETRY_AFTER)
+        how = self.auth.check(req)
+        limit = self.settings.server.max_body_bytes
         if req.content_length is not None and req.content_length > limit:
-            raise too_large
+            raise body_too_large(limit)
         if not is_json_media_type(req.content_type):
             raise ApiError(415, "send Content-Type: application/json. Form posts (like "
                                 "Twilio's application/x-www-form-urlencoded) need a small "
                                 "adapter that turns them into JSON; see the README")
         raw = req.bounded_stream.read(limit + 1)
         if len(raw) > limit:  # no or a false Content-Length
-            raise too_large
+            raise body_too_large(limit)
         if how == "signature":
-            butler.auth.verify_signature(req, raw)
+            self.auth.verify_signature(req, raw)
         request = validate_message(parse_body(raw))
-        butler.check_rate(request["user_id"])
+        self.limits.check(request["user_id"])
         key = req.get_header("Idempotency-Key") or req.get_header("webhook-id")
-        if key is not None and not 0 < len(key) <= 255:
-            raise ApiError(422, "Idempotency-Key must be 1 to 255 characters",
-                           field="Idempotency-Key")
-        if butler.config.async_mode:
-            status, body, replayed = butler.inbox.accept(request, key)
+        if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+            raise ApiError(422, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} "
+                                "characters", field="Idempotency-Key")
+        if self.settings.async_mode:
+            status, body, replayed = self.inbox.accept(request, key)
         else:
-            status, body, replayed = butler.inbox.run_sync(request, key)
-        resp.status = status_line(status)
+            status, body, replayed = self.inbox.run_sync(request, key)
+        resp.status = status
         resp.media = body
         if replayed:
             resp.set_header("Idempotent-Replayed", "true")
@@ -3084,36 +3145,38 @@ class HealthResource:
 
 
 class ReadyResource:
-    """503 while the async queue is over capacity or a worker or dispatcher died."""
+    """503 while the queue is full, the database cannot be written, or a worker
+    or dispatcher died or is wedged."""
 
-    def __init__(self, butler):
-        self.butler = butler
+    def __init__(self, readiness):
+        self.readiness = readiness  # () -> {check: bool}
 
     def on_get(self, req, resp):
-        checks = self.butler.readiness()
+        checks = self.readiness()
         ready = all(checks.values())
-        resp.status = status_line(200 if ready else 503)
+        resp.status = 200 if ready else 503
         resp.media = {"status": "ready" if ready else "not ready", "checks": checks}
 
 
 class MetricsResource:
-    def __init__(self, butler):
-        self.butler = butler
+    def __init__(self, settings, auth, metrics):
+        self.settings = settings
+        self.auth = auth
+        self.metrics = metrics
 
     def on_get(self, req, resp):
-        if not self.butler.config.server.metrics_public:
-            if self.butler.auth.check(req) != "secret":
-                raise ApiError(401, "/metrics needs the X-Aibutler-Secret header "
-                                    "(or [server] metrics_public = true)")
+        if not self.settings.server.metrics_public and self.auth.check(req) != "secret":
+            raise ApiError(401, "/metrics needs the X-Aibutler-Secret header "
+                                "(or [server] metrics_public = true)")
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.text = self.butler.metrics.render()
+        resp.text = self.metrics.render()
 
 
 class RequestLog:
     """One log line and one metrics sample per request; the message text is never logged."""
 
-    def __init__(self, butler):
-        self.butler = butler
+    def __init__(self, metrics):
+        self.metrics = metrics
 
     def process_request(self, req, resp):
         req.context.started = time.monotonic()
@@ -3124,19 +3187,13 @@ class RequestLog:
         path = req.path if resource is not None else "(unmatched)"
         if not getattr(req.context, "quiet", False):
             log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
-        metrics = self.butler.metrics
-        metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
-        metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
-
-
-def status_line(code):
-    return falcon.code_to_http_status(code)
+        self.metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
+        self.metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
 
 
 def write_error(resp, status, description, *, title=None, field=None, retry_after=None):
-    resp.status = status_line(status)
-    resp.content_type = "application/json"
-    resp.data = json.dumps({"error": error_dict(status, description, title, field)}).encode()
+    resp.status = status
+    resp.media = {"error": error_dict(status, description, title, field)}
     if retry_after is not None:
         resp.set_header("Retry-After", str(int(math.ceil(retry_after))))
 
@@ -3176,63 +3233,54 @@ def handle_unexpected(req, resp, exc, params):
     write_error(resp, 500, "internal error; the daemon's log has the details")
 
 
-def create_app(butler):
-    app = falcon.App(middleware=[RequestLog(butler)])
+def create_app(settings, auth, limits, inbox, metrics, readiness, stopping):
+    """The falcon app: each resource gets only the parts it uses."""
+    load_web_stack()
+    app = falcon.App(middleware=[RequestLog(metrics)])
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_falcon_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(sqlite3.Error, handle_storage_error)
     app.add_error_handler(ApiError, handle_api_error)
-    if butler.config.webhook_enabled:
-        app.add_route(butler.config.webhook.path, WebhookResource(butler))
+    if settings.webhook_enabled:
+        app.add_route(settings.webhook.path,
+                      WebhookResource(settings, auth, limits, inbox, stopping))
     app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(butler))
-    app.add_route("/metrics", MetricsResource(butler))
+    app.add_route("/readyz", ReadyResource(readiness))
+    app.add_route("/metrics", MetricsResource(settings, auth, metrics))
     return app
 
 
-# ============================================================================
-# Serving: the butler (all parts wired), waitress, signals, systemd notify
-# ============================================================================
+# === Wiring: every part built once =========================================
 
 class Butler:
-    """Every working part, wired together once. The HTTP app, the daemon and the
-    tests all use this; nothing below reads globals."""
+    """Every working part, built and wired together once: the only place that
+    knows them all. The daemon and the tests use it; nothing reads globals."""
 
-    def __init__(self, config, vault, store, metrics=None):
-        self.config = config
+    def __init__(self, config, vault, store):
+        self.settings = settings = Settings(config)
         self.vault = vault
         self.store = store
-        self.metrics = metrics or Metrics()
-        self.stopping = False
-        self.dispatcher = CallbackDispatcher(config, store, vault, self.metrics)
-        self.tools = build_tools(store, self.dispatcher.queue_notification
-                                 if config.async_mode else None, self.metrics, config.tools)
-        self.agent = Agent(build_model(config.agent, vault), self.tools, store,
-                           config, self.metrics)
-        self.workers = TurnWorkers(store, self.agent, self.dispatcher, config.delivery.workers)
-        self.inbox = Inbox(config, store, self.agent, self.workers)
-        self.auth = Authenticator(config, vault, store, self.metrics)
-        self._set_limits(config)
-        self.metrics.gauge("aibutler_queue_depth", store.pending_jobs)
-        self.metrics.gauge("aibutler_auth_tracked_addresses", self.auth.tracked_addresses)
-        self.metrics.gauge("aibutler_deliveries_pending",
-                           lambda: store.delivery_counts().get("pending", 0))
+        self.metrics = metrics = Metrics()
+        self.stopping = threading.Event()
+        self.dispatcher = CallbackDispatcher(settings, store, vault, metrics)
+        self.tools = build_tools(settings.tools, metrics, self.dispatcher.queue_notification
+                                 if settings.async_mode else None)
+        self.agent = Agent(build_model(settings.agent, vault), self.tools, store, settings,
+                           metrics)
+        self.workers = TurnWorkers(store, self.agent, self.dispatcher, settings.delivery.workers)
+        self.inbox = Inbox(settings, store, self.agent, self.workers)
+        self.auth = Authenticator(settings, vault, store, metrics)
+        self.limits = Limits(settings, metrics)
+        metrics.gauge("aibutler_queue_depth", store.pending_jobs)
+        metrics.gauge("aibutler_auth_tracked_addresses", self.auth.tracked_addresses)
+        metrics.gauge("aibutler_deliveries_pending",
+                      lambda: store.delivery_counts().get("pending", 0))
         self._started = False
 
-    def _set_limits(self, config):
-        self.channel_limit = RateLimiter(config.limits.rate, max_keys=1)
-        self.user_limit = RateLimiter(config.limits.user_rate)
-
-    def check_rate(self, user_id):
-        for scope, limiter, key in (("channel", self.channel_limit, ""),
-                                    ("user", self.user_limit, user_id)):
-            wait = limiter.take(key)
-            if wait:
-                self.metrics.inc("aibutler_rate_limited_total", (("scope", scope),))
-                raise ApiError(429, f"rate limit reached for this {scope} ([limits] "
-                                    f"{'rate' if scope == 'channel' else 'user_rate'})",
-                               retry_after=max(1, math.ceil(wait)))
+    def app(self):
+        return create_app(self.settings, self.auth, self.limits, self.inbox, self.metrics,
+                          self.readiness, self.stopping)
 
     def start(self):
         jobs, sends = self.store.recover()
@@ -3244,33 +3292,33 @@ class Butler:
         self._started = True
 
     def stop(self, deadline):
-        self.stopping = True
+        self.stopping.set()
         if self._started:
             self.workers.stop(deadline)
             self.dispatcher.stop(deadline, drain=True)  # send the replies just made
             self._started = False
 
     def wedged_after(self):
-        agent = self.config.agent
-        return agent.timeout * agent.max_steps + self.config.webhook.callback_timeout + 5
+        """An item in hand longer than this means its thread is stuck."""
+        return turn_time_limit(self.settings) + self.settings.webhook.callback_timeout
 
     def readiness(self):
         limit = self.wedged_after()
         return {"workers": self.workers.healthy(limit),
                 "dispatchers": self.dispatcher.healthy(limit),
-                "queue": self.store.pending_jobs() < self.config.delivery.max_pending,
+                "queue": self.store.pending_jobs() < self.settings.delivery.max_pending,
                 "storage": self.store.writable()}
 
     def reload(self, config):
-        """Apply a re-read config file (SIGHUP) to the running parts."""
-        async_before = self.config.async_mode
-        for part in (self, self.dispatcher, self.inbox, self.auth, self.agent):
-            part.config = config
-        self.agent.model = build_model(config.agent, self.vault)
-        self._set_limits(config)
-        if config.async_mode != async_before:
+        """Apply a re-read config file (SIGHUP): one swap that every part reads
+        through, and a model built from the new [agent] section."""
+        if config.async_mode != self.settings.async_mode:
             log.warning("config: switching between sync and async mode needs a restart")
+        self.settings.config = config
+        self.agent.model = build_model(config.agent, self.vault)
 
+
+# === Serving: waitress, signals, systemd notify and watchdog ================
 
 def sd_notify(message, env=None):
     """Send one sd_notify datagram; do nothing outside systemd."""
@@ -3290,23 +3338,116 @@ def sd_notify(message, env=None):
         return False
 
 
+class Watchdog:
+    """systemd's view of the daemon: a status line, and WATCHDOG=1 only while
+    every part is alive and the HTTP loop beats, so systemd restarts a wedged
+    daemon. A full queue or a full disk are not for a restart to fix."""
+
+    LOOP_STUCK_AFTER = 30.0  # seconds without a beat of the HTTP loop
+
+    def __init__(self, butler, env, loop_beat):
+        self.butler = butler
+        self.env = env
+        self.loop_beat = loop_beat  # () -> time.monotonic() of the loop's last turn
+        self.address = None
+        self._unhealthy = False
+
+    @property
+    def interval(self):
+        """Half of WATCHDOG_USEC, in seconds, when systemd watches this process."""
+        usec, pid = self.env.get("WATCHDOG_USEC"), self.env.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2e6
+
+    def tick(self):
+        """One health check: WATCHDOG=1 and a status line, or, when something is
+        wedged or dead, no WATCHDOG=1 so systemd restarts the service."""
+        problems = self.problems()
+        if problems:
+            if not self._unhealthy:
+                log.error("watchdog: not feeding systemd: %s", "; ".join(problems))
+            self._unhealthy = True
+            sd_notify("STATUS=unhealthy: " + "; ".join(problems), self.env)
+            return False
+        if self._unhealthy:
+            log.info("watchdog: healthy again")
+        self._unhealthy = False
+        status = "STATUS=" + self.status_text()
+        sd_notify(("WATCHDOG=1\n" + status) if self.interval else status, self.env)
+        return True
+
+    def status_text(self):
+        store = self.butler.store
+        counts = store.delivery_counts()
+        return (f"serving on {self.address}; {store.pending_jobs()} message(s) queued, "
+                f"{counts.get('pending', 0) + counts.get('sending', 0)} callback(s) pending, "
+                f"{counts.get('failed', 0)} failed")
+
+    def problems(self):
+        found = [name + " not healthy" for name, ok in self.butler.readiness().items()
+                 if not ok and name not in ("queue", "storage")]  # a restart fixes neither
+        if time.monotonic() - self.loop_beat() > self.LOOP_STUCK_AFTER:
+            found.append("the HTTP server loop is stuck")
+        return found
+
+
+class Maintenance:
+    """A background thread: a watchdog tick every few seconds under systemd
+    (elsewhere /readyz tells the same, on demand), and storage pruned hourly so
+    the file does not grow on a device left alone for months."""
+
+    TICK_EVERY = 10.0    # seconds, at most (less when systemd's watchdog asks)
+    PRUNE_EVERY = 3600.0
+
+    def __init__(self, store, settings, watchdog, env):
+        self.store = store
+        self.settings = settings
+        self.watchdog = watchdog
+        self.under_systemd = bool(env.get("NOTIFY_SOCKET"))
+
+    def start(self, stopped):
+        threading.Thread(target=self._run, args=(stopped,), name="maintenance",
+                         daemon=True).start()
+
+    def _run(self, stopped):
+        interval = min(self.watchdog.interval or self.TICK_EVERY, self.TICK_EVERY)
+        next_prune = 0.0
+        while not stopped.wait(interval):
+            if self.under_systemd:
+                self.watchdog.tick()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.PRUNE_EVERY
+                try:
+                    self.store.prune(self.settings.delivery.idempotency_ttl,
+                                     self.settings.sessions.max_history)
+                except sqlite3.Error as exc:
+                    log.error("storage: pruning failed: %s", exc)
+
+
 class Daemon:
-    """Serve the app with waitress until SIGTERM/SIGINT, then stop gracefully:
-    stop accepting, let in-flight requests, turns and callbacks finish up to
-    [server] shutdown_timeout, keep the rest in sqlite for the next start."""
+    """Serve the app with waitress until SIGTERM/SIGINT (SIGHUP: reload), then
+    stop gracefully: stop accepting, let in-flight requests, turns and callbacks
+    finish up to [server] shutdown_timeout, keep the rest in sqlite for the next
+    start.
+
+    waitress has no public stop API, so the daemon runs waitress's own loop one
+    poll at a time and reads a few internals (`server._map`, `asyncore`, a
+    channel's buffers): checked by CI on waitress 2.1 (Debian) and 3.x (pip)."""
+
+    BODY_SLACK = 65536  # bytes waitress reads beyond max_body_bytes (headers, chunking)
 
     def __init__(self, config, vault, store, config_path=None, env=None):
-        self.config = config
         self.vault = vault
         self.store = store
         self.config_path = config_path
         self.env = os.environ if env is None else env
         self.butler = Butler(config, vault, store)
+        self.settings = self.butler.settings
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.loop_beat = time.monotonic()
-        self.address = None
-        self._unhealthy = False
+        self.watchdog = Watchdog(self.butler, self.env, lambda: self.loop_beat)
         self.inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -3323,59 +3464,58 @@ class Daemon:
         return tracked
 
     def run(self):
-        import waitress
-        config, butler = self.config, self.butler
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # no "Task queue depth" floods
         if ensure_webhook_secret(self.vault):
             log.warning("webhook: no %s was set, so a new one was generated and stored in the "
                         "vault. Print it with: %s", SECRET_NAME, command_hint(
                             os.path.dirname(self.vault.path), "vault", "get", SECRET_NAME,
                             env=self.env))
-        server_cfg = config.server
+        server_cfg = self.settings.server
         try:
             # X-Forwarded-* reach the app, which believes them only from
             # [server] trusted_proxies (waitress's own option takes one address).
             server = waitress.create_server(
-                self.wsgi(create_app(butler)), host=server_cfg.host, port=server_cfg.port,
+                self.wsgi(self.butler.app()), host=server_cfg.host, port=server_cfg.port,
                 threads=server_cfg.threads, connection_limit=server_cfg.connection_limit,
                 channel_timeout=math.ceil(server_cfg.channel_timeout), ident="",
                 clear_untrusted_proxy_headers=False,
-                max_request_body_size=2 * server_cfg.max_body_bytes + 65536)
+                max_request_body_size=2 * server_cfg.max_body_bytes + self.BODY_SLACK)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s (exit %d: systemd does not restart it; "
                       "free the port or set [server] port)", server_cfg.host, server_cfg.port,
                       one_line(exc), EXIT_CANNOT_LISTEN)
             return EXIT_CANNOT_LISTEN
-        self.guard = ConnectionGuard(server, lambda: self.config.server)  # reload-aware
+        self.guard = ConnectionGuard(server, lambda: self.settings.server)
         for signum in (signal.SIGTERM, signal.SIGINT):  # before anyone can see us listening
             signal.signal(signum, self._on_stop_signal(server))
         signal.signal(signal.SIGHUP, self._on_reload_signal(server))
-        butler.start()
+        self.butler.start()
         self._log_startup(server)
-        self.address = f"{server.effective_host}:{server.effective_port}"
-        sd_notify("READY=1\nSTATUS=" + self.status_text(), self.env)
-        threading.Thread(target=self._maintenance, name="maintenance", daemon=True).start()
+        self.watchdog.address = f"{server.effective_host}:{server.effective_port}"
+        sd_notify("READY=1\nSTATUS=" + self.watchdog.status_text(), self.env)
+        Maintenance(self.store, self.settings, self.watchdog, self.env).start(
+            self.stop_requested)
         self._serve(server)
         self._shutdown(server)
         return EXIT_OK
 
     def _log_startup(self, server):
-        config = self.config
+        settings = self.settings
         log.info("aibutler %s listening on http://%s:%s", __version__,
                  server.effective_host, server.effective_port)
         model = self.butler.agent.model
-        log.info("agent: provider %s%s", config.agent.provider,
+        log.info("agent: provider %s%s", settings.agent.provider,
                  f", model {model.model} at {url_host(model.base_url)}"
                  if isinstance(model, HTTPModel) else " (offline, no language model)")
-        if config.webhook_enabled:
-            mode = (f"async, callbacks to {url_host(config.webhook.outbound_url)} "
-                    f"({config.webhook.auth_type} auth)" if config.async_mode else "sync")
-            log.info("channels: webhook at %s (%s)", config.webhook.path, mode)
+        if settings.webhook_enabled:
+            mode = (f"async, callbacks to {url_host(settings.webhook.outbound_url)} "
+                    f"({settings.webhook.auth_type} auth)" if settings.async_mode else "sync")
+            log.info("channels: webhook at %s (%s)", settings.webhook.path, mode)
         else:
             log.info("channels: none active (enable [channels.webhook])")
-        if config.async_mode:
+        if "webhook_send" in self.butler.tools.tools:
             log.info("webhook: tools registered (webhook_send)")
-        for warning in config.warnings:
+        for warning in settings.warnings:
             log.warning("config: %s", warning)
 
     def _on_stop_signal(self, server):
@@ -3412,15 +3552,14 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload: %s; keeping the running config", exc)
             return
-        self.config = config
         self.butler.reload(config)
         logging.getLogger().setLevel(config.server.log_level.upper())
         log.info("reload: config re-read from %s", config.source or "defaults")
 
     def _shutdown(self, server):
         sd_notify("STOPPING=1\nSTATUS=stopping", self.env)
-        deadline = time.monotonic() + self.config.server.shutdown_timeout
-        self.butler.stopping = True
+        deadline = time.monotonic() + self.settings.server.shutdown_timeout
+        self.butler.stopping.set()
         server.accepting = False
         server.close()  # stop listening: new connections are refused, not left hanging
         loop = server.asyncore.loop
@@ -3430,60 +3569,6 @@ class Daemon:
         server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
         self.store.close()
         log.info("stopped")
-
-    def _maintenance(self):
-        """Every few seconds: tell systemd how things are (feeding its watchdog only
-        while every part is alive); every hour: prune storage."""
-        interval = min(self.watchdog_interval or 10.0, 10.0)
-        next_prune = 0.0
-        under_systemd = bool(self.env.get("NOTIFY_SOCKET"))
-        while not self.stop_requested.wait(interval):
-            if under_systemd:  # elsewhere /readyz tells the same, on demand
-                self.tick()
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + 3600
-                try:
-                    self.store.prune(self.config.delivery.idempotency_ttl,
-                                     self.config.sessions.max_history)
-                except sqlite3.Error as exc:
-                    log.error("storage: pruning failed: %s", exc)
-
-    @property
-    def watchdog_interval(self):
-        usec, pid = self.env.get("WATCHDOG_USEC"), self.env.get("WATCHDOG_PID")
-        if not usec or (pid and pid != str(os.getpid())):
-            return None
-        return int(usec) / 2e6
-
-    def tick(self):
-        """One health check: WATCHDOG=1 and a status line, or, when something is
-        wedged or dead, no WATCHDOG=1 so systemd restarts the service."""
-        problems = self.problems()
-        if problems:
-            if not self._unhealthy:
-                log.error("watchdog: not feeding systemd: %s", "; ".join(problems))
-            self._unhealthy = True
-            sd_notify("STATUS=unhealthy: " + "; ".join(problems), self.env)
-            return False
-        if self._unhealthy:
-            log.info("watchdog: healthy again")
-        self._unhealthy = False
-        status = "STATUS=" + self.status_text()
-        sd_notify(("WATCHDOG=1\n" + status) if self.watchdog_interval else status, self.env)
-        return True
-
-    def status_text(self):
-        counts = self.store.delivery_counts()
-        return (f"serving on {self.address}; {self.store.pending_jobs()} message(s) queued, "
-                f"{counts.get('pending', 0) + counts.get('sending', 0)} callback(s) pending, "
-                f"{counts.get('failed', 0)} failed")
-
-    def problems(self):
-        found = [name + " not healthy" for name, ok in self.butler.readiness().items()
-                 if not ok and name not in ("queue", "storage")]  # a restart fixes neither
-        if time.monotonic() - self.loop_beat > 30:
-            found.append("the HTTP server loop is stuck")
-        return found
 
 
 class ConnectionGuard:
@@ -3554,9 +3639,7 @@ def pending_output(server):
                for channel in list(server._map.values()))
 
 
-# ============================================================================
-# Command line
-# ============================================================================
+# === Command line ===========================================================
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -3577,16 +3660,16 @@ def build_parser():
     verbs = vault.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     vault_set = verbs.add_parser("set", help="store a secret (read from stdin when no VALUE)")
-    vault_set.add_argument("name")
+    vault_set.add_argument("name", type=vault_name)
     vault_set.add_argument("value", nargs="?", help="the value; prefer stdin: argv shows in ps")
     vault_set.set_defaults(func=cmd_vault_set)
     vault_get = verbs.add_parser("get", help="print a secret (exit 1 when missing)")
-    vault_get.add_argument("name")
+    vault_get.add_argument("name", type=vault_name)
     vault_get.set_defaults(func=cmd_vault_get)
     verbs.add_parser("list", help="list secret names (never values)").set_defaults(
         func=cmd_vault_list)
     vault_delete = verbs.add_parser("delete", help="remove a secret")
-    vault_delete.add_argument("name")
+    vault_delete.add_argument("name", type=vault_name)
     vault_delete.set_defaults(func=cmd_vault_delete)
     vault_rotate = verbs.add_parser("rotate", help="replace a secret with a new random one, "
                                                    "keeping the old one valid for a grace period")
@@ -3694,19 +3777,17 @@ def setup_logging(level, env=None):
 
 
 def cmd_run(args):
-    for name, module in (("falcon", falcon), ("waitress", importlib.util.find_spec("waitress"))):
-        if module is None:
-            return fail(f"{name} is not installed; " + INSTALL_HINT)
+    try:
+        load_web_stack()
+    except ImportError as exc:
+        return fail(f"{exc.name} is not installed; " + INSTALL_HINT)
     env = dict(os.environ)
     if args.host:
         env["AIBUTLER_HOST"] = args.host
-    try:
-        config = load_config(args.config, env)
-        if args.port is not None:  # 0 (any free port) only from the command line
-            config.server.port = args.port
-        check_listen_address(config.server)
-    except ConfigError as exc:
-        return fail(f"bad configuration: {exc}", EXIT_CONFIG)
+    config = load_config(args.config, env)
+    if args.port is not None:  # 0 (any free port) only from the command line
+        config.server.port = args.port
+    check_listen_address(config.server)
     setup_logging(config.server.log_level, env)
     data_dir = ensure_data_dir(data_dir_from_env(env))
     vault = open_vault(env)
@@ -3737,17 +3818,15 @@ def read_secret_value(args):
     return sys.stdin.read()
 
 
-def check_name(name):
-    if Vault.valid_name(name):
-        return None
-    return fail(f"invalid name {name!r}: use lower-case letters, digits and _ (and not "
-                f"{', '.join(sorted(Vault.RESERVED))})", EXIT_USAGE)
+def vault_name(name):
+    if not Vault.valid_name(name):
+        raise argparse.ArgumentTypeError(
+            f"invalid name {name!r}: use lower-case letters, digits and _ (and not "
+            f"{', '.join(sorted(Vault.RESERVED))})")
+    return name
 
 
 def cmd_vault_set(args):
-    bad = check_name(args.name)
-    if bad is not None:
-        return bad
     raw = read_secret_value(args)
     value = raw.strip()
     if value != raw:
@@ -3767,9 +3846,6 @@ def cmd_vault_set(args):
 
 
 def cmd_vault_get(args):
-    bad = check_name(args.name)
-    if bad is not None:
-        return bad
     value = open_vault().get(args.name)
     if value is None:
         return fail(f"{args.name} is not set")
@@ -3785,9 +3861,6 @@ def cmd_vault_list(args):
 
 
 def cmd_vault_delete(args):
-    bad = check_name(args.name)
-    if bad is not None:
-        return bad
     if not open_vault().delete(args.name):
         return fail(f"{args.name} is not set")
     print(f"aibutler: deleted {args.name}", file=sys.stderr)
@@ -3854,6 +3927,8 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return args.func(args)
+    except ConfigError as exc:
+        return fail(f"bad configuration: {exc}", EXIT_CONFIG)
     except (VaultError, DataDirError) as exc:
         return fail(str(exc))
     except sqlite3.Error as exc:

@@ -333,7 +333,7 @@ def app_for(vault, store):
         sections.setdefault("limits", {"rate": "0", "user_rate": "0"})
         butler = aibutler.Butler(make_config(**sections), vault, store)
         butlers.append(butler)
-        client = testing.TestClient(aibutler.create_app(butler))
+        client = testing.TestClient(butler.app())
         client.butler = butler
         return client
     yield make

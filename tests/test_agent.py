@@ -248,8 +248,9 @@ def test_model_errors_reach_the_async_callback(daemon, receiver):
 
 
 def test_tool_names_are_accepted_by_model_apis():
-    registry = aibutler.build_tools(None, notifier=lambda ctx, m: "x")
-    for tool in registry.specs():
+    registry = aibutler.build_tools(aibutler.section_defaults("tools"), aibutler.Metrics(),
+                                    notifier=lambda ctx, m: "x")
+    for tool in registry.offered():
         assert aibutler.re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool.name)
     with pytest.raises(ValueError):
         aibutler.Tool("bad.name", "", {}, None)

@@ -59,7 +59,8 @@ def test_retry_after_is_honoured(vault, store, receiver):
     store.clock = lambda: now[0]
     config = make_config(webhook={"outbound_url": callbacks.url},
                          delivery={"retry_schedule": "100ms, 100ms, 100ms, 100ms, 100ms"})
-    dispatcher = aibutler.CallbackDispatcher(config, store, vault, clock=store.clock)
+    dispatcher = aibutler.CallbackDispatcher(config, store, vault, aibutler.Metrics(),
+                                             clock=store.clock)
     with store.transaction(durable=True) as db:
         store.add_delivery(db, "msg-1", "u", {"message_id": "msg-1", "reply": "hello"})
 

@@ -346,6 +346,7 @@ def test_a_full_disk_is_a_503_then_heals_without_a_restart(daemon, receiver, tmp
                    f"[channels.webhook]\noutbound_url = {callbacks.url}\n",
                    env={"AIBUTLER_DATA": str(disk / "data")})
         d.data = disk / "data"
+        d.vault.set("webhook_auth_secret", SECRET)
         d.start()
         status, _, accepted = d.post({"user_id": "u", "message": "first"})
         assert status == 202
@@ -362,7 +363,7 @@ def test_a_full_disk_is_a_503_then_heals_without_a_restart(daemon, receiver, tmp
         filler.unlink()
         delivered = callbacks.wait_for(1, timeout=20)[0]["json"]
         assert delivered["message_id"] == accepted["message_id"]
-        assert delivered["reply"] == "thought about it"
+        assert delivered.get("reply") == "thought about it", (delivered, d.log)
         eventually(lambda: d.get("/readyz")[0] == 200)
         status, _, _ = d.post({"user_id": "u", "message": "third"})
         assert status == 202
@@ -373,7 +374,7 @@ def test_a_full_disk_is_a_503_then_heals_without_a_restart(daemon, receiver, tmp
 # --- connection exhaustion -----------------------------------------------------------
 
 def test_slow_header_connections_from_one_address_cannot_take_the_service_down(daemon):
-    d = daemon("[server]\nheader_timeout = 2s\nclient_connection_limit = 20\n").start()
+    d = daemon("[server]\nheader_timeout = 1s\nclient_connection_limit = 20\n").start()
     attackers, stop = [], threading.Event()
     for _ in range(100):
         sock = socket.socket()
@@ -393,12 +394,12 @@ def test_slow_header_connections_from_one_address_cannot_take_the_service_down(d
     threading.Thread(target=trickle, daemon=True).start()
     try:
         slowest = 0.0
-        for _ in range(15):  # probes every 0.2 s for 3 s, from another address
+        for _ in range(15):  # probes every 0.1 s during the attack, from another address
             started = time.monotonic()
             status, _, _ = http_request(d.url + "/healthz", None, {}, "GET", timeout=5)
             slowest = max(slowest, time.monotonic() - started)
             assert status == 200
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert slowest < 1.0
 
         def closed(sock):

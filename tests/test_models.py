@@ -173,7 +173,7 @@ def test_any_other_shape_is_a_502_naming_the_provider(app_for, vault, receiver, 
 def test_history_window_starts_at_a_user_message(app_for, vault, receiver):
     model = receiver([ok(openai_text("answer"))])
     client = client_for(app_for, vault, "openai", model.url)
-    client.butler.config.sessions.max_history = 3  # odd: would open with the assistant
+    client.butler.settings.sessions.max_history = 3  # odd: would open with the assistant
     for text in ("one", "two", "three"):
         ask(client, text)
     roles = [m["role"] for m in model.requests[2]["json"]["messages"]]

@@ -73,7 +73,9 @@ def test_sd_notify_abstract_socket_and_outside_systemd():
     assert aibutler.sd_notify("READY=1", {}) is False
 
 
-def test_watchdog_stops_while_a_worker_is_wedged(tmp_path, vault, store, receiver):
+def test_watchdog_stops_while_a_worker_is_wedged(tmp_path, vault, store, receiver,
+                                                 monkeypatch):
+    monkeypatch.setattr(aibutler, "TURN_SLACK", 0.2)  # what a turn may take beyond its calls
     model = receiver([ok(openai_tool_call("block", {})), ok(openai_text("unblocked"))])
     callbacks = receiver()
     config = make_config(
@@ -81,31 +83,32 @@ def test_watchdog_stops_while_a_worker_is_wedged(tmp_path, vault, store, receive
         webhook={"outbound_url": callbacks.url, "callback_timeout": "0.2s"},
         delivery={"workers": "1"})
     notify = NotifySocket(tmp_path / "notify")
-    d = aibutler.Daemon(config, vault, store, env={"NOTIFY_SOCKET": notify.path,
-                                                   "WATCHDOG_USEC": "1000000"})
+    butler = aibutler.Butler(config, vault, store)
+    watchdog = aibutler.Watchdog(butler, {"NOTIFY_SOCKET": notify.path,
+                                          "WATCHDOG_USEC": "1000000"}, time.monotonic)
     release = threading.Event()
-    d.butler.tools.register(aibutler.Tool("block", "never returns on its own", {"type": "object"},
+    butler.tools.register(aibutler.Tool("block", "never returns on its own", {"type": "object"},
                                           lambda ctx: {"released": release.wait(60)}))
-    d.butler.start()
+    butler.start()
     try:
-        assert d.tick() and "WATCHDOG=1" in notify.read()
-        client = testing.TestClient(aibutler.create_app(d.butler))
+        assert watchdog.tick() and "WATCHDOG=1" in notify.read()
+        client = testing.TestClient(butler.app())
         assert client.simulate_post("/webhook/custom", headers=auth(),
                                     json={"user_id": "u", "message": "go"}).status_code == 202
         model.wait_for(1)
         deadline = time.monotonic() + 15
-        while d.tick():
+        while watchdog.tick():
             assert "WATCHDOG=1" in notify.read()
             assert time.monotonic() < deadline, "the wedged worker was never noticed"
             time.sleep(0.05)
         assert notify.read().startswith("STATUS=unhealthy: workers not healthy")
-        assert not d.tick() and "WATCHDOG=1" not in notify.read()
+        assert not watchdog.tick() and "WATCHDOG=1" not in notify.read()
         release.set()
         callbacks.wait_for(1)
-        assert d.tick() and "WATCHDOG=1" in notify.wait_for("WATCHDOG=1")
+        assert watchdog.tick() and "WATCHDOG=1" in notify.wait_for("WATCHDOG=1")
     finally:
         release.set()
-        d.butler.stop(time.monotonic() + 5)
+        butler.stop(time.monotonic() + 5)
 
 
 def test_rotation_keeps_the_old_secret_for_the_grace_then_drops_it(daemon, receiver):

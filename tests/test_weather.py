@@ -353,9 +353,10 @@ def test_tools_enabled_without_weather(app_for, receiver, open_meteo, tmp_path, 
     assert result["reply"] == aibutler.BuiltinModel.WEATHER_OFF and result["tool_calls"] == []
     assert open_meteo.geo.requests == [] and open_meteo.weather.requests == []
     # the default offers every tool; webhook_send only with an outbound URL
-    registry = aibutler.build_tools(None, notifier=lambda ctx, message: "msg-1")
+    defaults, metrics = aibutler.section_defaults("tools"), aibutler.Metrics()
+    registry = aibutler.build_tools(defaults, metrics, notifier=lambda ctx, message: "msg-1")
     assert list(registry.tools) == list(aibutler.TOOL_NAMES)
-    assert "webhook_send" not in aibutler.build_tools(None).tools
+    assert "webhook_send" not in aibutler.build_tools(defaults, metrics).tools
     # an unknown name stops the daemon with exit 78, naming the key
     config = tmp_path / "config.ini"
     config.write_text("[tools]\nenabled = weather, teleport\n")
