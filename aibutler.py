@@ -2516,9 +2516,10 @@ def key_reused():
 
 
 class WorkerPool:
-    """Threads that each run `work()` until stop; `work()` returns False when it
-    found nothing to do, and the thread then sleeps until notified (or `poll`
-    seconds pass). Tracks what each thread is doing, for the watchdog.
+    """Threads that each run `work()` until stop: claim an item of `table` with
+    `claim(hold)` and `handle(item)` it; with nothing to claim the thread sleeps
+    until notified (or `poll` seconds pass). Tracks what each thread is doing,
+    for the watchdog.
 
     An item whose state a failed write could not record (a full disk) stays
     'running' or 'sending' in sqlite; `rescue(held)` puts such items back in
@@ -2631,9 +2632,6 @@ class WorkerPool:
             log.info("%s: %d item(s) back in line after a failed write", self.name, count)
             self.wakeups.release(count)
 
-    def rescue(self, held):
-        raise NotImplementedError
-
     def _should_exit(self):
         if not self._stopping.is_set():
             return False
@@ -2643,7 +2641,15 @@ class WorkerPool:
         return self.poll
 
     def work(self):
-        raise NotImplementedError
+        """Claim one item and handle it; False when there was none."""
+        item = self.claim(self.hold)
+        if item is None:
+            return False
+        self.handle(item)
+        return True
+
+    def rescue(self, held):
+        return self.store.requeue(self.table, held)
 
 
 class TurnWorkers(WorkerPool):
@@ -2655,14 +2661,9 @@ class TurnWorkers(WorkerPool):
         self.store = store
         self.agent = agent
         self.dispatcher = dispatcher
+        self.table, self.claim = "jobs", store.claim_job
 
-    def rescue(self, held):
-        return self.store.requeue("jobs", held)
-
-    def work(self):
-        job = self.store.claim_job(self.hold)
-        if job is None:
-            return False
+    def handle(self, job):
         request = json.loads(job["request"])
         body = {"session_id": job["session_id"], "in_reply_to": job["user_id"],
                 "message_id": job["message_id"]}
@@ -2682,7 +2683,6 @@ class TurnWorkers(WorkerPool):
                                             "has the details")
         self.store.finish_job(job, body)
         self.dispatcher.notify()
-        return True
 
 
 def attempt_error(exc):
@@ -2710,6 +2710,7 @@ class CallbackDispatcher(WorkerPool):
         self.vault = vault
         self.metrics = metrics
         self.clock = clock
+        self.table, self.claim = "deliveries", store.claim_delivery
 
     def queue_notification(self, ctx, message):
         """The webhook_send tool: a message of the agent's own to the outbound URL."""
@@ -2727,15 +2728,6 @@ class CallbackDispatcher(WorkerPool):
             return self.poll
         return min(self.poll, max(0.01, due - self.clock()))
 
-    def rescue(self, held):
-        return self.store.requeue("deliveries", held)
-
-    def work(self):
-        row = self.store.claim_delivery(self.hold)
-        if row is None:
-            return False
-        self.deliver(row)
-        return True
 
     def headers(self, message_id, body):
         webhook = self.settings.webhook
@@ -2753,7 +2745,7 @@ class CallbackDispatcher(WorkerPool):
             headers["webhook-signature"] = sign_payload(secret, message_id, timestamp, body)
         return headers
 
-    def deliver(self, row):
+    def handle(self, row):
         url = self.settings.webhook.outbound_url
         attempt = row["attempts"] + 1
         if not url:

@@ -19,28 +19,19 @@ PAGE_REQUEST = {"user_id": "user-123", "message": "What's the weather?",
 PAGE_REPLY = "It's currently 18°C and sunny in Madrid."
 
 # Geocoding results as https://geocoding-api.open-meteo.com/v1/search gives them.
-PLACES = [
-    {"id": 3117735, "name": "Madrid", "latitude": 40.4165, "longitude": -3.70256,
-     "elevation": 667.0, "feature_code": "PPLC", "country_code": "ES", "admin1_id": 3117732,
-     "timezone": "Europe/Madrid", "population": 3255944, "country_id": 2510769,
-     "country": "Spain", "admin1": "Madrid"},
-    {"id": 3448439, "name": "São Paulo", "latitude": -23.5475, "longitude": -46.63611,
-     "elevation": 769.0, "feature_code": "PPLA", "country_code": "BR",
-     "timezone": "America/Sao_Paulo", "population": 10021295, "country_id": 3469034,
-     "country": "Brazil", "admin1": "São Paulo"},
-    {"id": 5128581, "name": "New York", "latitude": 40.71427, "longitude": -74.00597,
-     "elevation": 10.0, "feature_code": "PPL", "country_code": "US",
-     "timezone": "America/New_York", "population": 8175133, "country_id": 6252001,
-     "country": "United States", "admin1": "New York"},
-    {"id": 2988507, "name": "Paris", "latitude": 48.85341, "longitude": 2.3488,
-     "elevation": 42.0, "feature_code": "PPLC", "country_code": "FR",
-     "timezone": "Europe/Paris", "population": 2138551, "country_id": 3017382,
-     "country": "France", "admin1": "Île-de-France"},
-    {"id": 4717560, "name": "Paris", "latitude": 33.66094, "longitude": -95.55551,
-     "elevation": 183.0, "feature_code": "PPLA2", "country_code": "US",
-     "timezone": "America/Chicago", "population": 24782, "country_id": 6252001,
-     "country": "United States", "admin1": "Texas"},
-]
+PLACE_FIELDS = ("id", "name", "latitude", "longitude", "elevation", "feature_code",
+                "country_code", "timezone", "population", "country_id", "country", "admin1")
+PLACES = [dict(zip(PLACE_FIELDS, row)) for row in (
+    (3117735, "Madrid", 40.4165, -3.70256, 667.0, "PPLC", "ES", "Europe/Madrid", 3255944,
+     2510769, "Spain", "Madrid"),
+    (3448439, "São Paulo", -23.5475, -46.63611, 769.0, "PPLA", "BR", "America/Sao_Paulo",
+     10021295, 3469034, "Brazil", "São Paulo"),
+    (5128581, "New York", 40.71427, -74.00597, 10.0, "PPL", "US", "America/New_York", 8175133,
+     6252001, "United States", "New York"),
+    (2988507, "Paris", 48.85341, 2.3488, 42.0, "PPLC", "FR", "Europe/Paris", 2138551, 3017382,
+     "France", "Île-de-France"),
+    (4717560, "Paris", 33.66094, -95.55551, 183.0, "PPLA2", "US", "America/Chicago", 24782,
+     6252001, "United States", "Texas"))]
 
 # What the forecast API reports now, per (latitude, longitude) rounded to 2 places.
 NOW = {
