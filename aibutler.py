@@ -3565,8 +3565,9 @@ class Daemon:
 
 class ConnectionGuard:
     """What waitress lacks against slow or greedy clients, so that one address
-    cannot take the service down: at most [server] client_connection_limit open
-    connections per client address (trusted proxies exempt), and [server]
+    cannot take the service down: at most [server] client_connection_limit
+    connections per client address that are not waiting for an answer (sending
+    headers slowly, or idle; trusted proxies exempt), and [server]
     header_timeout to send a request's headers (waitress's channel_timeout only
     counts silence, which a client trickling a byte every few seconds never
     keeps). Runs in waitress's loop thread, the only one that touches channels.
@@ -3591,7 +3592,8 @@ class ConnectionGuard:
         limit = settings.client_connection_limit
         if limit and host and not ip_in(host, settings.trusted_proxies):
             open_now = sum(1 for channel in list(server._map.values())
-                           if getattr(channel, "addr", None) and channel.addr[0] == host)
+                           if getattr(channel, "addr", None) and channel.addr[0] == host
+                           and not getattr(channel, "requests", None))
             if open_now >= limit:
                 conn.close()
                 self._warn("greedy", f"refused a connection from {host}: it has {open_now} open "

@@ -49,6 +49,9 @@ class Recorder(ThreadingHTTPServer):
         self.script = list(script or [(200, {}, b"{}", 0)])
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
+        # accept() must never block the loop (a connection may vanish between the
+        # poll and the accept), or shutdown() waits forever
+        self.socket.settimeout(self.POLL)
         # a short poll: shutdown() waits for the loop to notice, 0.5 s by default
         threading.Thread(target=self.serve_forever, args=(self.POLL,), daemon=True).start()
 

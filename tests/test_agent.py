@@ -185,15 +185,20 @@ def test_non_json_and_persistent_5xx_are_502(app_for, vault, receiver):
     model = receiver([(200, {}, b"<html>gateway</html>", 0)])
     failure(502, "not JSON", ask(agent_client(app_for, vault, "openai", model.url)))
     model = receiver([(500, {}, b"oops", 0)])
-    failure(502, "HTTP 500", ask(agent_client(app_for, vault, "openai", model.url)))
-    assert len(model.requests) == 3  # retried twice
+    client = agent_client(app_for, vault, "openai", model.url)
+    waits = []
+    client.butler.agent.model.sleep = waits.append  # the backoff, without the waiting
+    failure(502, "HTTP 500", ask(client))
+    assert len(model.requests) == 3 and waits == [0.5, 1.0]  # retried twice, backing off
 
 
 def test_429_is_retried_honouring_retry_after_then_503(app_for, vault, receiver):
     model = receiver([(429, {"Retry-After": "1"}, b"{}", 0), ok(openai_text("finally"))])
-    started = time.monotonic()
-    result = ask(agent_client(app_for, vault, "openai", model.url))
-    assert result.json["reply"] == "finally" and time.monotonic() - started >= 1
+    client = agent_client(app_for, vault, "openai", model.url)
+    waits = []
+    client.butler.agent.model.sleep = waits.append
+    result = ask(client)
+    assert result.json["reply"] == "finally" and waits == [1.0]
     model = receiver([(429, {"Retry-After": "30"}, b"{}", 0)])
     result = failure(503, "rate limiting", ask(agent_client(app_for, vault, "openai", model.url)))
     assert result.headers["retry-after"] == "30"

@@ -3,6 +3,7 @@ symlinks planted in the data directory, a full disk, a reverse proxy, broken
 and dribbling receivers, hostile JSON, slow-header connections, forged log
 lines, late config errors, systemd's journal."""
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -20,7 +21,7 @@ import time
 import pytest
 
 import aibutler
-from conftest import SECRET, http_request, ok, openai_text
+from conftest import SECRET, held, http_request, ok, openai_text
 
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as CI has")
 SERVICE_UID = 65534  # nobody: stands for the service's dynamic user
@@ -247,7 +248,7 @@ def test_a_dribbling_receiver_gets_a_total_deadline_per_attempt(daemon, raw_serv
             conn.sendall(bytes([byte]))
     slow = raw_server(dribble)
     d = daemon(f"[channels.webhook]\noutbound_url = http://127.0.0.1:{slow.port}/cb\n"
-               "callback_timeout = 1s\n").start()
+               "callback_timeout = 0.5s\n").start()
     started = time.monotonic()
     d.post({"user_id": "u", "message": "hello"})
     d.wait_log(r"attempt 1 failed \(network error: timed out\)")
@@ -255,16 +256,27 @@ def test_a_dribbling_receiver_gets_a_total_deadline_per_attempt(daemon, raw_serv
     assert d.stop() == 0
 
 
-@pytest.mark.parametrize("url, key", [
-    ("http://", "outbound_url"), ("http:///x", "outbound_url"),
-    ("http://user:pw-s3cr3t@host/cb", "outbound_url"), ("http://host:99999/cb", "outbound_url"),
-    ("http://host/a b", "outbound_url"), ("ftp://host/cb", "outbound_url")])
-def test_an_unusable_outbound_url_is_a_config_error(daemon, url, key):
-    d = daemon(f"[channels.webhook]\noutbound_url = {url}\n", secret=None)
-    result = d.cli("run", "--config", str(d.config), check=False)
-    assert result.returncode == 78 and f"[channels.webhook] {key}" in result.stderr
-    assert "s3cr3t" not in result.stderr and result.stderr.count("\n") == 1
-    assert not (d.data / "vault.json").exists()  # no secret generated
+def exits_78_naming(daemon, cases):
+    """Run `run` on each (config text, key) at once (each a real CLI process):
+    exit 78, one line naming the key, nothing generated, nothing bound."""
+    made = [(daemon(config, secret=None), key) for config, key in cases]
+    with concurrent.futures.ThreadPoolExecutor(len(made)) as pool:
+        results = list(pool.map(lambda case: case[0].cli(
+            "run", "--config", str(case[0].config), check=False), made))
+    for (d, key), result in zip(made, results):
+        assert result.returncode == 78, (key, result.stderr)
+        assert key in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr and "listening" not in result.stderr
+        assert not (d.data / "vault.json").exists()  # no secret generated
+    return results
+
+
+def test_an_unusable_outbound_url_is_a_config_error(daemon):
+    results = exits_78_naming(daemon, [
+        (f"[channels.webhook]\noutbound_url = {url}\n", "[channels.webhook] outbound_url")
+        for url in ("http://", "http:///x", "http://user:pw-s3cr3t@host/cb",
+                    "http://host:99999/cb", "http://host/a b", "ftp://host/cb")])
+    assert not any("s3cr3t" in result.stderr for result in results)
 
 
 def test_hostile_json_gets_4xx_and_the_daemon_keeps_serving(daemon):
@@ -339,7 +351,8 @@ def fill(path):
 
 @AS_ROOT
 def test_a_full_disk_is_a_503_then_heals_without_a_restart(daemon, receiver, tmp_path):
-    model = receiver([ok(openai_text("thought about it"), delay=1.0)])
+    thinking = threading.Event()
+    model = receiver([held(ok(openai_text("thought about it")), thinking)])
     callbacks = receiver()
     with small_disk(tmp_path / "disk") as disk:
         d = daemon(f"[agent]\nprovider = openai\nbase_url = {model.url}\n"
@@ -352,6 +365,7 @@ def test_a_full_disk_is_a_503_then_heals_without_a_restart(daemon, receiver, tmp
         assert status == 202
         model.wait_for(1)
         filler = fill(disk)  # the model is still thinking
+        thinking.set()
         d.wait_log("cannot write the database \\(the disk is full\\)")
         status, headers, body = d.post({"user_id": "u", "message": "second"})
         assert status == 503 and "disk is full" in body["error"]["description"]
@@ -374,7 +388,7 @@ def test_a_full_disk_is_a_503_then_heals_without_a_restart(daemon, receiver, tmp
 # --- connection exhaustion -----------------------------------------------------------
 
 def test_slow_header_connections_from_one_address_cannot_take_the_service_down(daemon):
-    d = daemon("[server]\nheader_timeout = 1s\nclient_connection_limit = 20\n").start()
+    d = daemon("[server]\nheader_timeout = 0.5s\nclient_connection_limit = 20\n").start()
     attackers, stop = [], threading.Event()
     for _ in range(100):
         sock = socket.socket()
@@ -439,26 +453,20 @@ def test_request_values_cannot_forge_log_lines_or_reach_the_terminal(daemon, rec
 
 # --- config that fails late ---------------------------------------------------------------
 
-@pytest.mark.parametrize("config, key", [
-    ("[server]\nport = 70000\n", "[server] port"),
-    ("[server]\nport = http\n", "[server] port"),
-    ("[server]\nhost = no-such-host.invalid\n", "[server] host"),
-    ("[server]\nhost = 999.1.2.3.4\n", "[server] host"),
-    ("[channels.webhook]\npath = webhook\n", "[channels.webhook] path"),
-    ("[channels.webhook]\npath = /healthz\n", "[channels.webhook] path"),
-    ("[channels.webhook]\npath = /hook/{id}\n", "[channels.webhook] path"),
-    ("[agent]\ntimeout = 0\n", "[agent] timeout"),
-    ("[channels.webhook]\ncallback_timeout = 0s\n", "[channels.webhook] callback_timeout"),
-    ("[server]\nchannel_timeout = 0ms\n", "[server] channel_timeout"),
-    ("[agent]\ntemperature = nan\n", "[agent] temperature"),
-    ("[server]\nthreads = 100000\n", "[server] threads")])
-def test_bad_config_exits_78_before_binding_or_generating_a_secret(daemon, config, key):
-    d = daemon(config, secret=None)
-    result = d.cli("run", "--config", str(d.config), check=False)
-    assert result.returncode == 78, result.stderr
-    assert key in result.stderr and result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr and "listening" not in result.stderr
-    assert not (d.data / "vault.json").exists()
+def test_bad_config_exits_78_before_binding_or_generating_a_secret(daemon):
+    exits_78_naming(daemon, [
+        ("[server]\nport = 70000\n", "[server] port"),
+        ("[server]\nport = http\n", "[server] port"),
+        ("[server]\nhost = no-such-host.invalid\n", "[server] host"),
+        ("[server]\nhost = 999.1.2.3.4\n", "[server] host"),
+        ("[channels.webhook]\npath = webhook\n", "[channels.webhook] path"),
+        ("[channels.webhook]\npath = /healthz\n", "[channels.webhook] path"),
+        ("[channels.webhook]\npath = /hook/{id}\n", "[channels.webhook] path"),
+        ("[agent]\ntimeout = 0\n", "[agent] timeout"),
+        ("[channels.webhook]\ncallback_timeout = 0s\n", "[channels.webhook] callback_timeout"),
+        ("[server]\nchannel_timeout = 0ms\n", "[server] channel_timeout"),
+        ("[agent]\ntemperature = nan\n", "[agent] temperature"),
+        ("[server]\nthreads = 100000\n", "[server] threads")])
 
 
 def test_an_unusable_data_dir_or_database_is_one_line_everywhere(daemon):
