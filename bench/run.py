@@ -14,15 +14,11 @@ load generator. No timed assertions anywhere: these are figures to read.
 
 import argparse
 import http.client
-import importlib.util
 import json
 import os
 import platform
-import py_compile
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,89 +29,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import aibutler  # noqa: E402
-
-SECRET = "bench-secret-0123456789"
-THREADS = 4
-USERS = 1000
-PATH = "/webhook/custom"
+from harness import (PATH, SECRET, THREADS, USERS, Sink, load, rss_mb,  # noqa: E402
+                     start_aibutler, start_floor)
 
 
 # --- helpers --------------------------------------------------------------
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Server:
-    """A subprocess that prints 'listening on http://127.0.0.1:PORT'."""
-
-    def __init__(self, argv, env=None, cpu=None, cwd=None):
-        if cpu is not None and shutil.which("taskset"):
-            argv = ["taskset", "-c", str(cpu)] + argv
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        for line in self.proc.stdout:
-            match = re.search(r"listening on http://[\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        else:
-            raise RuntimeError("server did not start")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-        self.ready_s = first_answer(self.port) - self.started
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-def first_answer(port):
-    """The moment the first POST gets an answer (any status), polling fast."""
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("POST", PATH, body=json.dumps({"user_id": "warm", "message": "hello"}),
-                         headers={"Content-Type": "application/json",
-                                  "X-Aibutler-Secret": SECRET})
-            conn.getresponse().read()
-            conn.close()
-            return time.perf_counter()
-        except OSError:
-            time.sleep(0.002)
-
-
-class Sink(ThreadingHTTPServer):
-    """A loopback callback receiver that counts what arrives."""
-    daemon_threads = True
-    request_queue_size = 256
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), SinkHandler)
-        self.count = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/callback"
-
-
-class SinkHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with self.server.lock:
-            self.server.count += 1
-        self.send_response(204)
-        self.end_headers()
-
 
 class FakeModel(ThreadingHTTPServer):
     daemon_threads = True
@@ -146,89 +64,6 @@ class FakeModelHandler(BaseHTTPRequestHandler):
         self.wfile.write(FakeModel.ANSWER)
 
 
-# --- load generation ---------------------------------------------------------
-
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["X-Aibutler-Secret"] = "%(secret)s"
-local counter = 0
-request = function()
-  counter = counter + 1
-  local body = string.format('{"user_id":"user-%%d","message":"what is 2+2?",' ..
-    '"metadata":{"platform":"bench"}}', counter %% %(users)d)
-  return wrk.format(nil, "%(path)s", nil, body)
-end
-"""
-
-
-def to_ms(text):
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-
-
-def load_wrk(port, seconds, connections, cpu):
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    script.write(WRK_SCRIPT % {"secret": SECRET, "users": USERS, "path": PATH})
-    script.close()
-    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
-            f"http://127.0.0.1:{port}{PATH}"]
-    if cpu is not None and shutil.which("taskset"):
-        argv = ["taskset", "-c", str(cpu)] + argv
-    out = subprocess.run(argv, capture_output=True, text=True).stdout
-    os.unlink(script.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = to_ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1))
-    p99 = to_ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1))
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"rps": rps, "p50": p50, "p99": p99, "errors": int(bad.group(1)) if bad else 0,
-            "requests": total}
-
-
-def load_python(port, seconds, connections, cpu=None):
-    """A standard-library keep-alive load generator (when wrk is missing)."""
-    latencies, errors = [], [0]
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def client(index):
-        conn = http.client.HTTPConnection("127.0.0.1", port)
-        n = index
-        mine = []
-        while time.perf_counter() < stop_at:
-            n += connections
-            body = json.dumps({"user_id": f"user-{n % USERS}", "message": "what is 2+2?",
-                               "metadata": {"platform": "bench"}})
-            started = time.perf_counter()
-            conn.request("POST", PATH, body=body, headers={
-                "Content-Type": "application/json", "X-Aibutler-Secret": SECRET})
-            response = conn.getresponse()
-            response.read()
-            mine.append(time.perf_counter() - started)
-            if response.status >= 300:
-                with lock:
-                    errors[0] += 1
-        with lock:
-            latencies.extend(mine)
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    latencies.sort()
-    return {"rps": len(latencies) / seconds,
-            "p50": latencies[len(latencies) // 2] * 1000,
-            "p99": latencies[int(len(latencies) * 0.99)] * 1000,
-            "errors": errors[0], "requests": len(latencies)}
-
-
-def load(port, seconds, connections, cpu):
-    if shutil.which("wrk"):
-        return load_wrk(port, seconds, connections, cpu)
-    return load_python(port, seconds, connections)
-
-
 def measure(server, seconds, connections, load_cpu):
     idle = rss_mb(server.proc.pid)
     peak = [idle]
@@ -248,33 +83,6 @@ def measure(server, seconds, connections, load_cpu):
 
 # --- scenarios ----------------------------------------------------------------
 
-def daemon_env(data, extra_config):
-    config = os.path.join(data, "config.ini")
-    with open(config, "w") as handle:
-        handle.write("[limits]\nrate = 0\nuser_rate = 0\n[server]\n"
-                     f"threads = {THREADS}\nconnection_limit = 200\n" + extra_config)
-    env = dict(os.environ, AIBUTLER_DATA=data, AIBUTLER_WEBHOOK_AUTH_SECRET=SECRET)
-    env.pop("AIBUTLER_WEBHOOK_OUTBOUND_URL", None)
-    return env, config
-
-
-def start_aibutler(data, extra_config="", cpu=None, as_script=False):
-    """As aibutler.service runs it: `python -m aibutler` with its byte code
-    compiled at install; as_script: `python aibutler.py run` (compiles at start)."""
-    env, config = daemon_env(data, extra_config)
-    if as_script:
-        argv = [sys.executable, os.path.join(ROOT, "aibutler.py")]
-    else:
-        code = os.path.join(data, "code")
-        os.makedirs(code)
-        shutil.copy(os.path.join(ROOT, "aibutler.py"), code)
-        py_compile.compile(os.path.join(code, "aibutler.py"), doraise=True,
-                           cfile=importlib.util.cache_from_source(os.path.join(code, "aibutler.py")))
-        env["PYTHONPATH"] = code
-        argv = [sys.executable, "-m", "aibutler"]
-    return Server(argv + ["run", "--config", config, "--port", "0"], env=env, cpu=cpu)
-
-
 def scenario_script_start():
     """Idle memory and readiness when run as a plain script."""
     with tempfile.TemporaryDirectory() as data:
@@ -286,7 +94,7 @@ def scenario_script_start():
 
 
 def scenario_floor(args, cpu, load_cpu):
-    server = Server([sys.executable, os.path.join(HERE, "floor.py"), "0", str(THREADS)], cpu=cpu)
+    server = start_floor(cpu)
     try:
         return measure(server, args.seconds, args.connections, load_cpu)
     finally:
