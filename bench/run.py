@@ -1,24 +1,32 @@
 """Side-by-side benchmark of aibutler against the floor of its own stack.
 
-    python bench/run.py            # everything, also pinned to one core
-    python bench/run.py --quick    # shorter runs, no soak, no pinned pass
+    python bench/run.py                 # everything, also pinned to one core
+    python bench/run.py --quick         # shorter runs, no soak, no pinned pass, no slow model
+    python bench/run.py --slow-model    # only issue 12's slow-model runs (--cpu, --sd-card too)
+    python bench/run.py --slow-model --set "[agent] concurrency = 8"   # with a config line
 
 Starts on loopback: the floor (bench/floor.py), aibutler in sync mode (builtin
 agent, rate limits off), aibutler in async mode (202 path, replies drained to a
 loopback receiver), a dispatch run (N queued replies delivered to a receiver)
-and an in-process turn against a fake model that answers at once. Prints one
-markdown table and writes it to bench/RESULTS.md with the machine it ran on.
+and an in-process turn against a fake model that answers at once. Then issue
+12's scenarios: a fake model that takes 2 s per call with many users writing at
+once (bench/slow_model.py), CPU time per request pinned to one core and durable
+accepts on an emulated SD card (bench/efficiency.py). Prints markdown tables
+and, for a full run, writes them to bench/RESULTS.md with the machine it ran
+on, keeping what follows the marker line there (figures kept for comparison).
 Uses wrk when installed (apt install wrk), else a standard-library keep-alive
 load generator. No timed assertions anywhere: these are figures to read.
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +37,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import aibutler  # noqa: E402
+import efficiency  # noqa: E402
+import harness  # noqa: E402
+import slow_model  # noqa: E402
 from harness import (PATH, SECRET, THREADS, USERS, Sink, load, rss_mb,  # noqa: E402
                      start_aibutler, start_floor)
 
@@ -250,20 +261,18 @@ def run_pass(args, cpu, load_cpu):
     return rows, dispatch
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--callbacks", type=int, default=3000)
-    parser.add_argument("--turns", type=int, default=500)
-    parser.add_argument("--soak", type=int, default=100000)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    if args.quick:
-        args.seconds, args.callbacks, args.turns, args.soak = 3, 1000, 200, 0
-    out = ["# aibutler benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-           f"on {machine()}.", "",
-           f"{THREADS} waitress threads, {args.connections} keep-alive connections, "
+def aibutler_commit():
+    """The commit measured, and whether aibutler.py differs from it."""
+    def git(*argv):
+        return subprocess.run(["git", "-C", ROOT, *argv], capture_output=True, text=True).stdout
+    commit = git("log", "-1", "--format=%h").strip() or "unknown"
+    return commit + (" + uncommitted changes to aibutler.py"
+                     if git("status", "--porcelain", "--", "aibutler.py").strip() else "")
+
+
+def throughput_sections(args):
+    """The side-by-side tables, start-up, turn overhead and the soak."""
+    out = [f"{THREADS} waitress threads, {args.connections} keep-alive connections, "
            f"{args.seconds}s per load, {USERS} distinct user_ids, message "
            "\"what is 2+2?\" (one tool call in aibutler), rate limits off.", ""]
     passes = [("all cores", None, None)]
@@ -288,11 +297,87 @@ def main():
         marks = scenario_soak(args)
         out += [f"Memory over {args.soak} sync requests, each from a new user_id: "
                 + ", ".join(f"{n}: {mb:.1f} MB" for n, mb in marks) + ".", ""]
+    return out
+
+
+# Everything below this line in RESULTS.md survives a full run (figures kept
+# for comparison, such as those before a change).
+KEEP_MARKER = "<!-- bench/run.py rewrites what is above this line and keeps what follows -->"
+
+
+def write_results(report):
+    path = os.path.join(HERE, "RESULTS.md")
+    kept = KEEP_MARKER + "\n"
+    with contextlib.suppress(FileNotFoundError):
+        with open(path) as handle:
+            text = handle.read()
+        if KEEP_MARKER in text:
+            kept = text[text.index(KEEP_MARKER):]
+    with open(path, "w") as handle:
+        handle.write(report + "\n" + kept)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="With none of --slow-model, --cpu, --sd-card: everything, and (unless "
+               "--quick) the report goes to bench/RESULTS.md. With some: only those, printed.")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--callbacks", type=int, default=3000)
+    parser.add_argument("--turns", type=int, default=500)
+    parser.add_argument("--soak", type=int, default=100000)
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter runs, no soak, no pinned pass, no slow model")
+    parser.add_argument("--slow-model", action="store_true",
+                        help="2 s model, many users at once, probes (bench/slow_model.py)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="CPU time per request, pinned to one core (bench/efficiency.py)")
+    parser.add_argument("--sd-card", action="store_true",
+                        help="durable async accepts with a slow fsync (bench/efficiency.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="'[SECTION] KEY = VALUE'",
+                        help="a config line for every aibutler started, e.g. "
+                             "'[agent] concurrency = 8' (repeatable)")
+    parser.add_argument("--model-delay", type=float, default=2.0,
+                        help="seconds the slow model takes per call")
+    parser.add_argument("--slow-users", type=int, default=50)
+    parser.add_argument("--waiting-users", type=int, default=200)
+    parser.add_argument("--cpu-seconds", type=int, default=5)
+    parser.add_argument("--sd-seconds", type=int, default=5)
+    parser.add_argument("--fsync-ms", type=float, default=5.0,
+                        help="milliseconds the shim adds to each fsync")
+    args = parser.parse_args(argv)
+    for line in args.set:
+        try:
+            harness.override_text(line)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.quick:
+        args.seconds, args.callbacks, args.turns, args.soak = 3, 1000, 200, 0
+        args.cpu_seconds, args.sd_seconds = 2, 2
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    harness.CONFIG_OVERRIDES[:] = args.set
+    chosen = args.slow_model or args.cpu or args.sd_card
+    out = ["# aibutler benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+           f"on {machine()}; aibutler {aibutler_commit()}"
+           + (f"; config for every aibutler: {'; '.join(args.set)}" if args.set else "") + ".",
+           ""]
+    if not chosen:
+        out += throughput_sections(args)
+    if args.slow_model or not (chosen or args.quick):
+        out += slow_model.report(slow_model.scenario_slow_model(args), args)
+    if args.cpu or not chosen:
+        out += efficiency.cpu_report(efficiency.scenario_cpu(args), args)
+    if args.sd_card or not chosen:
+        out += efficiency.sd_report(efficiency.scenario_sd_card(args), args)
     report = "\n".join(out)
     print(report)
-    if not args.quick:
-        with open(os.path.join(HERE, "RESULTS.md"), "w") as handle:
-            handle.write(report + "\n")
+    if not (chosen or args.quick):
+        write_results(report)
 
 
 if __name__ == "__main__":
