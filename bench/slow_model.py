@@ -200,8 +200,10 @@ class Prober:
         results = self.results[path]
         times = sorted(s * 1000 if status is not None else math.inf
                        for s, status, _ in results)
+        answered = [t for t in times if not math.isinf(t)]
         return {"count": len(times), "p99_ms": percentile(times, 0.99),
                 "max_ms": times[-1] if times else math.nan,
+                "slowest_answer_ms": answered[-1] if answered else math.nan,
                 "timeouts": sum(why == "timeout" for _, _, why in results),
                 "dropped": sum(why == "dropped" for _, _, why in results),
                 "not_200": sum(status not in (None, 200) for _, status, _ in results)}
@@ -389,9 +391,13 @@ def unanswered_cell(runs_summary):
     parts = []
     for path, s in runs_summary:
         lost = s["timeouts"] + s["dropped"]
-        parts.append(f"{path} {lost}/{s['count']}"
-                     + (f" ({s['timeouts']} timed out, {s['dropped']} dropped)" if lost else "")
-                     + (f", {s['not_200']} answered other than 200" if s["not_200"] else ""))
+        text = f"{path} {lost}/{s['count']}"
+        if lost:
+            text += (f" ({s['dropped']} dropped, {s['timeouts']} timed out; slowest answer "
+                     f"{ms(s['slowest_answer_ms'])} ms)")
+        if s["not_200"]:
+            text += f", {s['not_200']} answered other than 200"
+        parts.append(text)
     return "; ".join(parts)
 
 
@@ -407,7 +413,7 @@ def report(runs, args):
              "as infinite in p99 and max. Memory: VmRSS before, peak (sampled every 100 ms) "
              f"and {AFTER_SECONDS:g} s after the last reply.", "",
              "| run | answered | p50 s | max s | most model calls at once | "
-             "/healthz p99 / max ms | /readyz p99 / max ms | probes unanswered | "
+             "/healthz p99 / max ms | /readyz p99 / max ms | probes unanswered of sent | "
              "RSS before → peak → after MB |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     names = {"sync": f"sync, {runs['sync']['users']} users: request → reply",
