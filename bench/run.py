@@ -262,12 +262,17 @@ def run_pass(args, cpu, load_cpu):
 
 
 def aibutler_commit():
-    """The commit measured, and whether aibutler.py differs from it."""
+    """Which aibutler.py was measured: the last commit that changed it, the
+    checkout's commit, and whether the file differs from it."""
     def git(*argv):
-        return subprocess.run(["git", "-C", ROOT, *argv], capture_output=True, text=True).stdout
-    commit = git("log", "-1", "--format=%h").strip() or "unknown"
-    return commit + (" + uncommitted changes to aibutler.py"
-                     if git("status", "--porcelain", "--", "aibutler.py").strip() else "")
+        return subprocess.run(["git", "-C", ROOT, *argv], capture_output=True,
+                              text=True).stdout.strip()
+    changed, head = git("log", "-1", "--format=%h", "--", "aibutler.py"), git("log", "-1",
+                                                                              "--format=%h")
+    text = f"aibutler.py of commit {changed or 'unknown'} (checkout {head or 'unknown'})"
+    if git("status", "--porcelain", "--", "aibutler.py"):
+        text += " with uncommitted changes"
+    return text
 
 
 def throughput_sections(args):
@@ -283,7 +288,7 @@ def throughput_sections(args):
         out += table(title, rows, rows[0][1])
         out += ["", f"Dispatch: {dispatch['callbacks']} queued callbacks delivered to a loopback "
                     f"receiver at **{dispatch['callbacks_per_s']:.0f} callbacks/s**.", ""]
-        print("\n".join(out[-len(rows) - 6:]), flush=True)
+        print("\n".join(out[-len(rows) - 8:]), flush=True)
     script_mb, script_ready = scenario_script_start()
     out += [f"aibutler is run as aibutler.service runs it (`python -m aibutler`, byte code "
             f"compiled at install). Run as a script (`python aibutler.py run`, compiled at "
@@ -363,7 +368,7 @@ def main(argv=None):
     harness.CONFIG_OVERRIDES[:] = args.set
     chosen = args.slow_model or args.cpu or args.sd_card
     out = ["# aibutler benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-           f"on {machine()}; aibutler {aibutler_commit()}"
+           f"on {machine()}; {aibutler_commit()}"
            + (f"; config for every aibutler: {'; '.join(args.set)}" if args.set else "") + ".",
            ""]
     if not chosen:
