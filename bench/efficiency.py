@@ -89,9 +89,7 @@ def cpu_async_accept(args):
         with tempfile.TemporaryDirectory() as data:
             server = start_aibutler(data, config, cpu=SERVER_CPU)
             try:
-                result = cpu_per_request(server, args)
-                result["turns_meanwhile"] = model.calls  # the warm-up's + one per worker
-                return result
+                return cpu_per_request(server, args)
             finally:
                 server.kill()  # workers are inside a model call: nothing to wait for
     finally:

@@ -263,7 +263,6 @@ def slow_daemon(args, outbound_url=None):
     model = SlowModel(args.model_delay)
     config = (f"[agent]\nprovider = openai\nbase_url = {model.base_url}\ntimeout = 60s\n"
               + (f"[channels.webhook]\noutbound_url = {outbound_url}\n" if outbound_url else ""))
-    server = None
     try:
         with tempfile.TemporaryDirectory() as data:
             server = start_aibutler(data, config, ready=first_health)
