@@ -1,25 +1,29 @@
 """Side-by-side benchmark of aibutler against the floor of its own stack.
 
-    python bench/run.py            # everything, also pinned to one core
-    python bench/run.py --quick    # shorter runs, no soak, no pinned pass
+    python bench/run.py                 # everything, also pinned to one core
+    python bench/run.py --quick         # shorter runs, no soak, no pinned pass, no slow model
+    python bench/run.py --slow-model    # only issue 12's slow-model runs (--cpu, --sd-card too)
+    python bench/run.py --slow-model --set "[agent] concurrency = 8"   # with a config line
 
 Starts on loopback: the floor (bench/floor.py), aibutler in sync mode (builtin
 agent, rate limits off), aibutler in async mode (202 path, replies drained to a
 loopback receiver), a dispatch run (N queued replies delivered to a receiver)
-and an in-process turn against a fake model that answers at once. Prints one
-markdown table and writes it to bench/RESULTS.md with the machine it ran on.
+and an in-process turn against a fake model that answers at once. Then issue
+12's scenarios: a fake model that takes 2 s per call with many users writing at
+once (bench/slow_model.py), CPU time per request pinned to one core and durable
+accepts on an emulated SD card (bench/efficiency.py). Prints markdown tables
+and, for a full run, writes them to bench/RESULTS.md with the machine it ran
+on, keeping what follows the marker line there (figures kept for comparison).
 Uses wrk when installed (apt install wrk), else a standard-library keep-alive
 load generator. No timed assertions anywhere: these are figures to read.
 """
 
 import argparse
+import contextlib
 import http.client
-import importlib.util
 import json
 import os
 import platform
-import py_compile
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,89 +37,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import aibutler  # noqa: E402
-
-SECRET = "bench-secret-0123456789"
-THREADS = 4
-USERS = 1000
-PATH = "/webhook/custom"
+import efficiency  # noqa: E402
+import harness  # noqa: E402
+import slow_model  # noqa: E402
+from harness import (PATH, SECRET, THREADS, USERS, Sink, load, rss_mb,  # noqa: E402
+                     start_aibutler, start_floor)
 
 
 # --- helpers --------------------------------------------------------------
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Server:
-    """A subprocess that prints 'listening on http://127.0.0.1:PORT'."""
-
-    def __init__(self, argv, env=None, cpu=None, cwd=None):
-        if cpu is not None and shutil.which("taskset"):
-            argv = ["taskset", "-c", str(cpu)] + argv
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        for line in self.proc.stdout:
-            match = re.search(r"listening on http://[\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        else:
-            raise RuntimeError("server did not start")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-        self.ready_s = first_answer(self.port) - self.started
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-def first_answer(port):
-    """The moment the first POST gets an answer (any status), polling fast."""
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("POST", PATH, body=json.dumps({"user_id": "warm", "message": "hello"}),
-                         headers={"Content-Type": "application/json",
-                                  "X-Aibutler-Secret": SECRET})
-            conn.getresponse().read()
-            conn.close()
-            return time.perf_counter()
-        except OSError:
-            time.sleep(0.002)
-
-
-class Sink(ThreadingHTTPServer):
-    """A loopback callback receiver that counts what arrives."""
-    daemon_threads = True
-    request_queue_size = 256
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), SinkHandler)
-        self.count = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/callback"
-
-
-class SinkHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with self.server.lock:
-            self.server.count += 1
-        self.send_response(204)
-        self.end_headers()
-
 
 class FakeModel(ThreadingHTTPServer):
     daemon_threads = True
@@ -146,89 +75,6 @@ class FakeModelHandler(BaseHTTPRequestHandler):
         self.wfile.write(FakeModel.ANSWER)
 
 
-# --- load generation ---------------------------------------------------------
-
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["X-Aibutler-Secret"] = "%(secret)s"
-local counter = 0
-request = function()
-  counter = counter + 1
-  local body = string.format('{"user_id":"user-%%d","message":"what is 2+2?",' ..
-    '"metadata":{"platform":"bench"}}', counter %% %(users)d)
-  return wrk.format(nil, "%(path)s", nil, body)
-end
-"""
-
-
-def to_ms(text):
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-
-
-def load_wrk(port, seconds, connections, cpu):
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    script.write(WRK_SCRIPT % {"secret": SECRET, "users": USERS, "path": PATH})
-    script.close()
-    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
-            f"http://127.0.0.1:{port}{PATH}"]
-    if cpu is not None and shutil.which("taskset"):
-        argv = ["taskset", "-c", str(cpu)] + argv
-    out = subprocess.run(argv, capture_output=True, text=True).stdout
-    os.unlink(script.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = to_ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1))
-    p99 = to_ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1))
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"rps": rps, "p50": p50, "p99": p99, "errors": int(bad.group(1)) if bad else 0,
-            "requests": total}
-
-
-def load_python(port, seconds, connections, cpu=None):
-    """A standard-library keep-alive load generator (when wrk is missing)."""
-    latencies, errors = [], [0]
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def client(index):
-        conn = http.client.HTTPConnection("127.0.0.1", port)
-        n = index
-        mine = []
-        while time.perf_counter() < stop_at:
-            n += connections
-            body = json.dumps({"user_id": f"user-{n % USERS}", "message": "what is 2+2?",
-                               "metadata": {"platform": "bench"}})
-            started = time.perf_counter()
-            conn.request("POST", PATH, body=body, headers={
-                "Content-Type": "application/json", "X-Aibutler-Secret": SECRET})
-            response = conn.getresponse()
-            response.read()
-            mine.append(time.perf_counter() - started)
-            if response.status >= 300:
-                with lock:
-                    errors[0] += 1
-        with lock:
-            latencies.extend(mine)
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    latencies.sort()
-    return {"rps": len(latencies) / seconds,
-            "p50": latencies[len(latencies) // 2] * 1000,
-            "p99": latencies[int(len(latencies) * 0.99)] * 1000,
-            "errors": errors[0], "requests": len(latencies)}
-
-
-def load(port, seconds, connections, cpu):
-    if shutil.which("wrk"):
-        return load_wrk(port, seconds, connections, cpu)
-    return load_python(port, seconds, connections)
-
-
 def measure(server, seconds, connections, load_cpu):
     idle = rss_mb(server.proc.pid)
     peak = [idle]
@@ -248,33 +94,6 @@ def measure(server, seconds, connections, load_cpu):
 
 # --- scenarios ----------------------------------------------------------------
 
-def daemon_env(data, extra_config):
-    config = os.path.join(data, "config.ini")
-    with open(config, "w") as handle:
-        handle.write("[limits]\nrate = 0\nuser_rate = 0\n[server]\n"
-                     f"threads = {THREADS}\nconnection_limit = 200\n" + extra_config)
-    env = dict(os.environ, AIBUTLER_DATA=data, AIBUTLER_WEBHOOK_AUTH_SECRET=SECRET)
-    env.pop("AIBUTLER_WEBHOOK_OUTBOUND_URL", None)
-    return env, config
-
-
-def start_aibutler(data, extra_config="", cpu=None, as_script=False):
-    """As aibutler.service runs it: `python -m aibutler` with its byte code
-    compiled at install; as_script: `python aibutler.py run` (compiles at start)."""
-    env, config = daemon_env(data, extra_config)
-    if as_script:
-        argv = [sys.executable, os.path.join(ROOT, "aibutler.py")]
-    else:
-        code = os.path.join(data, "code")
-        os.makedirs(code)
-        shutil.copy(os.path.join(ROOT, "aibutler.py"), code)
-        py_compile.compile(os.path.join(code, "aibutler.py"), doraise=True,
-                           cfile=importlib.util.cache_from_source(os.path.join(code, "aibutler.py")))
-        env["PYTHONPATH"] = code
-        argv = [sys.executable, "-m", "aibutler"]
-    return Server(argv + ["run", "--config", config, "--port", "0"], env=env, cpu=cpu)
-
-
 def scenario_script_start():
     """Idle memory and readiness when run as a plain script."""
     with tempfile.TemporaryDirectory() as data:
@@ -286,7 +105,7 @@ def scenario_script_start():
 
 
 def scenario_floor(args, cpu, load_cpu):
-    server = Server([sys.executable, os.path.join(HERE, "floor.py"), "0", str(THREADS)], cpu=cpu)
+    server = start_floor(cpu)
     try:
         return measure(server, args.seconds, args.connections, load_cpu)
     finally:
@@ -442,20 +261,23 @@ def run_pass(args, cpu, load_cpu):
     return rows, dispatch
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--callbacks", type=int, default=3000)
-    parser.add_argument("--turns", type=int, default=500)
-    parser.add_argument("--soak", type=int, default=100000)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    if args.quick:
-        args.seconds, args.callbacks, args.turns, args.soak = 3, 1000, 200, 0
-    out = ["# aibutler benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-           f"on {machine()}.", "",
-           f"{THREADS} waitress threads, {args.connections} keep-alive connections, "
+def aibutler_commit():
+    """Which aibutler.py was measured: the last commit that changed it, the
+    checkout's commit, and whether the file differs from it."""
+    def git(*argv):
+        return subprocess.run(["git", "-C", ROOT, *argv], capture_output=True,
+                              text=True).stdout.strip()
+    changed, head = git("log", "-1", "--format=%h", "--", "aibutler.py"), git("log", "-1",
+                                                                              "--format=%h")
+    text = f"aibutler.py of commit {changed or 'unknown'} (checkout {head or 'unknown'})"
+    if git("status", "--porcelain", "--", "aibutler.py"):
+        text += " with uncommitted changes"
+    return text
+
+
+def throughput_sections(args):
+    """The side-by-side tables, start-up, turn overhead and the soak."""
+    out = [f"{THREADS} waitress threads, {args.connections} keep-alive connections, "
            f"{args.seconds}s per load, {USERS} distinct user_ids, message "
            "\"what is 2+2?\" (one tool call in aibutler), rate limits off.", ""]
     passes = [("all cores", None, None)]
@@ -466,7 +288,7 @@ def main():
         out += table(title, rows, rows[0][1])
         out += ["", f"Dispatch: {dispatch['callbacks']} queued callbacks delivered to a loopback "
                     f"receiver at **{dispatch['callbacks_per_s']:.0f} callbacks/s**.", ""]
-        print("\n".join(out[-len(rows) - 6:]), flush=True)
+        print("\n".join(out[-len(rows) - 8:]), flush=True)
     script_mb, script_ready = scenario_script_start()
     out += [f"aibutler is run as aibutler.service runs it (`python -m aibutler`, byte code "
             f"compiled at install). Run as a script (`python aibutler.py run`, compiled at "
@@ -480,11 +302,87 @@ def main():
         marks = scenario_soak(args)
         out += [f"Memory over {args.soak} sync requests, each from a new user_id: "
                 + ", ".join(f"{n}: {mb:.1f} MB" for n, mb in marks) + ".", ""]
+    return out
+
+
+# Everything below this line in RESULTS.md survives a full run (figures kept
+# for comparison, such as those before a change).
+KEEP_MARKER = "<!-- bench/run.py rewrites what is above this line and keeps what follows -->"
+
+
+def write_results(report):
+    path = os.path.join(HERE, "RESULTS.md")
+    kept = KEEP_MARKER + "\n"
+    with contextlib.suppress(FileNotFoundError):
+        with open(path) as handle:
+            text = handle.read()
+        if KEEP_MARKER in text:
+            kept = text[text.index(KEEP_MARKER):]
+    with open(path, "w") as handle:
+        handle.write(report + "\n" + kept)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="With none of --slow-model, --cpu, --sd-card: everything, and (unless "
+               "--quick) the report goes to bench/RESULTS.md. With some: only those, printed.")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--callbacks", type=int, default=3000)
+    parser.add_argument("--turns", type=int, default=500)
+    parser.add_argument("--soak", type=int, default=100000)
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter runs, no soak, no pinned pass, no slow model")
+    parser.add_argument("--slow-model", action="store_true",
+                        help="2 s model, many users at once, probes (bench/slow_model.py)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="CPU time per request, pinned to one core (bench/efficiency.py)")
+    parser.add_argument("--sd-card", action="store_true",
+                        help="durable async accepts with a slow fsync (bench/efficiency.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="'[SECTION] KEY = VALUE'",
+                        help="a config line for every aibutler started, e.g. "
+                             "'[agent] concurrency = 8' (repeatable)")
+    parser.add_argument("--model-delay", type=float, default=2.0,
+                        help="seconds the slow model takes per call")
+    parser.add_argument("--slow-users", type=int, default=50)
+    parser.add_argument("--waiting-users", type=int, default=200)
+    parser.add_argument("--cpu-seconds", type=int, default=5)
+    parser.add_argument("--sd-seconds", type=int, default=5)
+    parser.add_argument("--fsync-ms", type=float, default=5.0,
+                        help="milliseconds the shim adds to each fsync")
+    args = parser.parse_args(argv)
+    for line in args.set:
+        try:
+            harness.override_text(line)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.quick:
+        args.seconds, args.callbacks, args.turns, args.soak = 3, 1000, 200, 0
+        args.cpu_seconds, args.sd_seconds = 2, 2
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    harness.CONFIG_OVERRIDES[:] = args.set
+    chosen = args.slow_model or args.cpu or args.sd_card
+    out = ["# aibutler benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+           f"on {machine()}; {aibutler_commit()}"
+           + (f"; config for every aibutler: {'; '.join(args.set)}" if args.set else "") + ".",
+           ""]
+    if not chosen:
+        out += throughput_sections(args)
+    if args.slow_model or not (chosen or args.quick):
+        out += slow_model.report(slow_model.scenario_slow_model(args), args)
+    if args.cpu or not chosen:
+        out += efficiency.cpu_report(efficiency.scenario_cpu(args), args)
+    if args.sd_card or not chosen:
+        out += efficiency.sd_report(efficiency.scenario_sd_card(args), args)
     report = "\n".join(out)
     print(report)
-    if not args.quick:
-        with open(os.path.join(HERE, "RESULTS.md"), "w") as handle:
-            handle.write(report + "\n")
+    if not (chosen or args.quick):
+        write_results(report)
 
 
 if __name__ == "__main__":
