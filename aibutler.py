@@ -123,6 +123,89 @@ def error_dict(status, description, title=None, field=None):
     return body
 
 
+# === Files: the data directory ============================================
+
+def data_dir_from_env(env=None):
+    env = os.environ if env is None else env
+    path = env.get("AIBUTLER_DATA") or os.path.join(os.path.expanduser("~"), ".aibutler")
+    return os.path.abspath(path)
+
+
+def command_hint(data_dir, *words, env=None):
+    """The command line that works where this process runs: this interpreter and
+    this file (Debian has no `python`), AIBUTLER_DATA when the data directory is
+    not the invoking user's default, and sudo when that directory belongs to a
+    service (systemd started us: its user is no one's login)."""
+    env = os.environ if env is None else env
+    command = [sys.executable or "python3", os.path.abspath(__file__), *words]
+    if data_dir != data_dir_from_env({}):
+        command.insert(0, "AIBUTLER_DATA=" + shlex.quote(data_dir))
+        if env.get("INVOCATION_ID") and os.geteuid() != 0:
+            command.insert(0, "sudo")
+    return " ".join(command[:1] + [shlex.quote(word) if not word.startswith("AIBUTLER_DATA=")
+                                   else word for word in command[1:]])
+
+
+def ensure_data_dir(path):
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(f"{path}: cannot use it as the data directory: "
+                           f"{exc.strerror or exc}") from None
+    if not os.path.isdir(path):
+        raise DataDirError(f"{path}: the data directory is not a directory")
+    return path
+
+
+def data_dir_warnings(path, fresh):
+    """Other users must not write the data directory (nor, on a fresh install
+    where no secret exists yet, read it)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o022:
+        return [f"the data directory {path} can be written by other users; "
+                f"fix it with: chmod 700 {path}"]
+    if fresh and mode & 0o044:
+        return [f"the data directory {path} can be read by other users; "
+                f"fix it with: chmod 700 {path}"]
+    return []
+
+
+def open_private(path, flags=os.O_RDWR | os.O_CREAT):
+    """Open a file of the data directory for writing: never through a symlink
+    (root runs the CLI on a directory the service user owns, where a planted link
+    must not aim root's writes elsewhere), mode 0600 whatever the umask, and,
+    when root creates it there, owned by the directory's owner: handed over on
+    the open descriptor, never by path. Returns the descriptor."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataDirError(f"{path} is a symbolic link; aibutler does not follow links "
+                               "in its data directory: remove it") from None
+        raise DataDirError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataDirError(f"{path} is not a regular file")
+        give_to_directory_owner(fd, path, info)
+        if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid in (os.geteuid(), 0):
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def give_to_directory_owner(fd, path, info):
+    """`sudo aibutler vault set` on a service's state directory must leave files
+    the service user can still use, so root hands what it opens to the owner."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(os.path.dirname(os.path.abspath(path)))
+    if owner.st_uid != 0 and (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
 # === Config =================================================================
 
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -395,87 +478,6 @@ def section_defaults(section):
     """One section's parsed defaults, for parts built without a Config (tests, tools)."""
     return types.SimpleNamespace(**{key: parse(default) for key, (default, parse)
                                     in CONFIG_SCHEMA[section].items()})
-
-
-def data_dir_from_env(env=None):
-    env = os.environ if env is None else env
-    path = env.get("AIBUTLER_DATA") or os.path.join(os.path.expanduser("~"), ".aibutler")
-    return os.path.abspath(path)
-
-
-def command_hint(data_dir, *words, env=None):
-    """The command line that works where this process runs: this interpreter and
-    this file (Debian has no `python`), AIBUTLER_DATA when the data directory is
-    not the invoking user's default, and sudo when that directory belongs to a
-    service (systemd started us: its user is no one's login)."""
-    env = os.environ if env is None else env
-    command = [sys.executable or "python3", os.path.abspath(__file__), *words]
-    if data_dir != data_dir_from_env({}):
-        command.insert(0, "AIBUTLER_DATA=" + shlex.quote(data_dir))
-        if env.get("INVOCATION_ID") and os.geteuid() != 0:
-            command.insert(0, "sudo")
-    return " ".join(command[:1] + [shlex.quote(word) if not word.startswith("AIBUTLER_DATA=")
-                                   else word for word in command[1:]])
-
-
-def ensure_data_dir(path):
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise DataDirError(f"{path}: cannot use it as the data directory: "
-                           f"{exc.strerror or exc}") from None
-    if not os.path.isdir(path):
-        raise DataDirError(f"{path}: the data directory is not a directory")
-    return path
-
-
-def data_dir_warnings(path, fresh):
-    """Other users must not write the data directory (nor, on a fresh install
-    where no secret exists yet, read it)."""
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o022:
-        return [f"the data directory {path} can be written by other users; "
-                f"fix it with: chmod 700 {path}"]
-    if fresh and mode & 0o044:
-        return [f"the data directory {path} can be read by other users; "
-                f"fix it with: chmod 700 {path}"]
-    return []
-
-
-def open_private(path, flags=os.O_RDWR | os.O_CREAT):
-    """Open a file of the data directory for writing: never through a symlink
-    (root runs the CLI on a directory the service user owns, where a planted link
-    must not aim root's writes elsewhere), mode 0600 whatever the umask, and,
-    when root creates it there, owned by the directory's owner: handed over on
-    the open descriptor, never by path. Returns the descriptor."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DataDirError(f"{path} is a symbolic link; aibutler does not follow links "
-                               "in its data directory: remove it") from None
-        raise DataDirError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise DataDirError(f"{path} is not a regular file")
-        give_to_directory_owner(fd, path, info)
-        if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid in (os.geteuid(), 0):
-            os.fchmod(fd, 0o600)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def give_to_directory_owner(fd, path, info):
-    """`sudo aibutler vault set` on a service's state directory must leave files
-    the service user can still use, so root hands what it opens to the owner."""
-    if os.geteuid() != 0:
-        return
-    owner = os.stat(os.path.dirname(os.path.abspath(path)))
-    if owner.st_uid != 0 and (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
-        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def find_config_file(explicit, env, data_dir):
@@ -1259,6 +1261,173 @@ def format_labels(labels):
     return "{" + ",".join(escaped) + "}"
 
 
+# === HTTP client: deadlines, retries, HTTP dates =========================
+
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect is reported as the non-2xx status it is
+
+
+class _DeadlineSocket:
+    """A connected socket whose every read and write gets what is left of one
+    total deadline as its timeout: a socket timeout alone bounds each read, and a
+    server dribbling a byte every few seconds would hold an attempt for minutes."""
+
+    def __init__(self, sock, until):
+        self._sock, self._until = sock, until
+
+    def _arm(self):
+        left = self._until - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self._sock.settimeout(left)
+
+    def sendall(self, data, *flags):
+        self._arm()
+        return self._sock.sendall(data, *flags)
+
+    def recv_into(self, buffer, nbytes=0, *flags):
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes, *flags)
+
+    def makefile(self, mode="rb", buffering=-1, **kwargs):
+        """What http.client reads the answer from; like socket.makefile, it keeps
+        the socket open until the answer is closed too."""
+        self._sock._io_refs += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def __getattr__(self, name):  # close, fileno, _decref_socketios, ...
+        return getattr(self._sock, name)
+
+
+def _deadline_handlers(until):
+    """urllib handlers whose connections keep to `until` (time.monotonic())."""
+    def connection_class(base):
+        class Connection(base):
+            def connect(self):
+                super().connect()
+                self.sock = _DeadlineSocket(self.sock, until)
+        return Connection
+
+    plain, tls = connection_class(http.client.HTTPConnection), connection_class(
+        http.client.HTTPSConnection)
+
+    class Plain(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(plain, req)
+
+    class TLS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(tls, req, context=self._context)
+    return Plain(), TLS()
+
+
+def http_request(method, url, body, headers, timeout):
+    """One HTTP exchange. Returns (status, headers, body) for every HTTP status;
+    raises OSError (URLError, timeouts, broken answers) when no whole answer came
+    within `timeout` seconds in total. Redirects are not followed; bodies are
+    read up to MAX_RESPONSE_BYTES."""
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
+        time.monotonic() + timeout))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read(MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
+    except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
+        raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
+
+
+def http_post(url, body, headers, timeout):
+    return http_request("POST", url, body, headers, timeout)
+
+
+def http_get(url, headers, timeout):
+    return http_request("GET", url, None, headers, timeout)
+
+
+def is_timeout(exc):
+    return isinstance(exc, socket.timeout) or isinstance(getattr(exc, "reason", None),
+                                                         socket.timeout)
+
+
+def network_reason(exc):
+    reason = getattr(exc, "reason", exc)
+    return one_line(reason) or type(reason).__name__
+
+
+MAX_RETRY_AFTER = 86400.0  # seconds: a later Retry-After is a server's mistake, not a plan
+
+
+def parse_retry_after(value, now=None):
+    """Seconds to wait from a Retry-After value: delay-seconds (fractions too) or an
+    HTTP date, at most MAX_RETRY_AFTER. None when absent, unparsable, zero or in the
+    past: the caller then uses its own backoff, never a retry without a pause."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = seconds_until_http_date(value, now)
+    if seconds is None or not seconds > 0:  # also refuses NaN
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def retry_after_seconds(headers, now=None):
+    """The server's own wait: OpenAI's retry-after-ms first, then Retry-After."""
+    try:
+        millis = float(headers.get("retry-after-ms") or "nan")
+    except ValueError:
+        millis = math.nan
+    if millis > 0:
+        return min(millis / 1000, MAX_RETRY_AFTER)
+    return parse_retry_after(headers.get("Retry-After"), now)
+
+
+UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def seconds_until_http_date(value, now=None):
+    """Seconds from `now` (default: the current time) until an HTTP date, or None.
+    HTTP dates are UTC (RFC 9110): a date without a zone is UTC, not local time.
+    Aware datetimes only, never the platform's time_t, which ends in 2038 on 32-bit
+    systems such as Raspberry Pi OS's armhf userland."""
+    import email.utils  # only needed for the rare HTTP-date form
+    parts = email.utils.parsedate_tz(value)
+    if parts is None:
+        return None
+    try:
+        when = datetime.datetime(*parts[:6], tzinfo=datetime.timezone.utc)
+        when -= datetime.timedelta(seconds=parts[9] or 0)
+    except (ValueError, OverflowError):
+        return None
+    now = UNIX_EPOCH + datetime.timedelta(seconds=time.time() if now is None else now)
+    return (when - now).total_seconds()
+
+
+def iso_utc(timestamp):
+    """A stored Unix time as ISO 8601 UTC, computed without time_t (see above);
+    a value no calendar holds is shown as the number it is."""
+    try:
+        moment = UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
+    except (OverflowError, ValueError, TypeError):
+        return str(timestamp)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def url_host(url):
+    """scheme://host[:port] only: paths and queries of webhook URLs often hold tokens."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+
 # === Agent: tools ===========================================================
 
 class ToolError(Exception):
@@ -1702,171 +1871,6 @@ def build_tools(settings, metrics, notifier=None):
 
 
 # === Agent: model providers =================================================
-
-MAX_RESPONSE_BYTES = 8 * 1024 * 1024
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None  # a redirect is reported as the non-2xx status it is
-
-
-class _DeadlineSocket:
-    """A connected socket whose every read and write gets what is left of one
-    total deadline as its timeout: a socket timeout alone bounds each read, and a
-    server dribbling a byte every few seconds would hold an attempt for minutes."""
-
-    def __init__(self, sock, until):
-        self._sock, self._until = sock, until
-
-    def _arm(self):
-        left = self._until - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("timed out")
-        self._sock.settimeout(left)
-
-    def sendall(self, data, *flags):
-        self._arm()
-        return self._sock.sendall(data, *flags)
-
-    def recv_into(self, buffer, nbytes=0, *flags):
-        self._arm()
-        return self._sock.recv_into(buffer, nbytes, *flags)
-
-    def makefile(self, mode="rb", buffering=-1, **kwargs):
-        """What http.client reads the answer from; like socket.makefile, it keeps
-        the socket open until the answer is closed too."""
-        self._sock._io_refs += 1
-        return io.BufferedReader(socket.SocketIO(self, "rb"))
-
-    def __getattr__(self, name):  # close, fileno, _decref_socketios, ...
-        return getattr(self._sock, name)
-
-
-def _deadline_handlers(until):
-    """urllib handlers whose connections keep to `until` (time.monotonic())."""
-    def connection_class(base):
-        class Connection(base):
-            def connect(self):
-                super().connect()
-                self.sock = _DeadlineSocket(self.sock, until)
-        return Connection
-
-    plain, tls = connection_class(http.client.HTTPConnection), connection_class(
-        http.client.HTTPSConnection)
-
-    class Plain(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(plain, req)
-
-    class TLS(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(tls, req, context=self._context)
-    return Plain(), TLS()
-
-
-def http_request(method, url, body, headers, timeout):
-    """One HTTP exchange. Returns (status, headers, body) for every HTTP status;
-    raises OSError (URLError, timeouts, broken answers) when no whole answer came
-    within `timeout` seconds in total. Redirects are not followed; bodies are
-    read up to MAX_RESPONSE_BYTES."""
-    request = urllib.request.Request(url, data=body, headers=headers, method=method)
-    opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
-        time.monotonic() + timeout))
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read(MAX_RESPONSE_BYTES)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
-    except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
-        raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
-
-
-def http_post(url, body, headers, timeout):
-    return http_request("POST", url, body, headers, timeout)
-
-
-def http_get(url, headers, timeout):
-    return http_request("GET", url, None, headers, timeout)
-
-
-def is_timeout(exc):
-    return isinstance(exc, socket.timeout) or isinstance(getattr(exc, "reason", None),
-                                                         socket.timeout)
-
-
-def network_reason(exc):
-    reason = getattr(exc, "reason", exc)
-    return one_line(reason) or type(reason).__name__
-
-
-MAX_RETRY_AFTER = 86400.0  # seconds: a later Retry-After is a server's mistake, not a plan
-
-
-def parse_retry_after(value, now=None):
-    """Seconds to wait from a Retry-After value: delay-seconds (fractions too) or an
-    HTTP date, at most MAX_RETRY_AFTER. None when absent, unparsable, zero or in the
-    past: the caller then uses its own backoff, never a retry without a pause."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = seconds_until_http_date(value, now)
-    if seconds is None or not seconds > 0:  # also refuses NaN
-        return None
-    return min(seconds, MAX_RETRY_AFTER)
-
-
-def retry_after_seconds(headers, now=None):
-    """The server's own wait: OpenAI's retry-after-ms first, then Retry-After."""
-    try:
-        millis = float(headers.get("retry-after-ms") or "nan")
-    except ValueError:
-        millis = math.nan
-    if millis > 0:
-        return min(millis / 1000, MAX_RETRY_AFTER)
-    return parse_retry_after(headers.get("Retry-After"), now)
-
-
-UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-
-
-def seconds_until_http_date(value, now=None):
-    """Seconds from `now` (default: the current time) until an HTTP date, or None.
-    HTTP dates are UTC (RFC 9110): a date without a zone is UTC, not local time.
-    Aware datetimes only, never the platform's time_t, which ends in 2038 on 32-bit
-    systems such as Raspberry Pi OS's armhf userland."""
-    import email.utils  # only needed for the rare HTTP-date form
-    parts = email.utils.parsedate_tz(value)
-    if parts is None:
-        return None
-    try:
-        when = datetime.datetime(*parts[:6], tzinfo=datetime.timezone.utc)
-        when -= datetime.timedelta(seconds=parts[9] or 0)
-    except (ValueError, OverflowError):
-        return None
-    now = UNIX_EPOCH + datetime.timedelta(seconds=time.time() if now is None else now)
-    return (when - now).total_seconds()
-
-
-def iso_utc(timestamp):
-    """A stored Unix time as ISO 8601 UTC, computed without time_t (see above);
-    a value no calendar holds is shown as the number it is."""
-    try:
-        moment = UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
-    except (OverflowError, ValueError, TypeError):
-        return str(timestamp)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def url_host(url):
-    """scheme://host[:port] only: paths and queries of webhook URLs often hold tokens."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-
 
 class ModelReply:
     """What one model call gave: text, tool calls, and whether the text was cut
@@ -2892,7 +2896,8 @@ class Authenticator:
             raise self.failed(req, "replayed signed request")
 
     def secrets(self):
-        return accepted_secrets(self.vault, self.settings.webhook.previous_secret_grace)
+        return accepted_secrets(self.vault, self.settings.webhook.previous_secret_grace,
+                                now=self.clock())
 
     def failed(self, req, why):
         """Count a failed authentication; returns the error to raise: 401, or a

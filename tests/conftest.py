@@ -165,7 +165,7 @@ def held(answer, gate, timeout=30):
     return respond
 
 
-class Daemon:
+class DaemonProcess:
     """aibutler.py copied alone into a temp folder and run as a subprocess."""
 
     def __init__(self, folder, config_text="", env=None, secret=SECRET):
@@ -302,7 +302,7 @@ def daemon(tmp_path):
     started = []
 
     def make(config_text="", env=None, secret=SECRET, folder=None):
-        d = Daemon(folder or tmp_path / f"d{len(started)}", config_text, env, secret)
+        d = DaemonProcess(folder or tmp_path / f"d{len(started)}", config_text, env, secret)
         started.append(d)
         return d
     yield make
