@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,35 +44,6 @@ from harness import (PATH, SECRET, THREADS, USERS, Sink, load, rss_mb,  # noqa: 
 
 
 # --- helpers --------------------------------------------------------------
-
-class FakeModel(ThreadingHTTPServer):
-    daemon_threads = True
-    ANSWER = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                  "content": "It's sunny."}}]}).encode()
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), FakeModelHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class FakeModelHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(FakeModel.ANSWER)))
-        self.end_headers()
-        self.wfile.write(FakeModel.ANSWER)
-
 
 def measure(server, seconds, connections, load_cpu):
     idle = rss_mb(server.proc.pid)
@@ -163,12 +133,12 @@ def scenario_dispatch(args, cpu, load_cpu):
 def scenario_turn(args):
     """One agent turn against a fake model that answers at once, in-process,
     minus the bare HTTP round trip to that model."""
-    model = FakeModel()
+    model = slow_model.SlowModel(delay=0.0)  # answers at once
     with tempfile.TemporaryDirectory() as data:
         vault = aibutler.Vault(os.path.join(data, "vault.json"), env={})
         store = aibutler.Store(os.path.join(data, "aibutler.db"))
         config = aibutler.load_config(None, env={"AIBUTLER_DATA": data}, data_dir=data)
-        config.agent.provider, config.agent.base_url = "openai", model.url
+        config.agent.provider, config.agent.base_url = "openai", model.base_url
         butler = aibutler.Butler(config, vault, store)
         request = {"user_id": "u", "message": "What's the weather?",
                    "metadata": {"location": "Madrid"}}
@@ -180,7 +150,7 @@ def scenario_turn(args):
             butler.agent.run_turn(dict(request, user_id=f"u{i % 50}"), session)
             turns.append(time.perf_counter() - started)
             started = time.perf_counter()
-            aibutler.http_post(model.url + "/chat/completions", payload.encode(),
+            aibutler.http_post(model.base_url + "/chat/completions", payload.encode(),
                                {"Content-Type": "application/json"}, 5)
             raw.append(time.perf_counter() - started)
         store.close()

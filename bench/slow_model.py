@@ -296,12 +296,18 @@ class Watch:
         return result
 
 
+def watched_burst(server, model, users, timeout, name):
+    """Start watching the daemon, then send one message from each user at once."""
+    watch = Watch(server)
+    model.reset()
+    burst = Burst(server.port, users, timeout, name)
+    burst.go()
+    return watch, burst
+
+
 def run_sync(args):
     with slow_daemon(args) as (model, server):
-        watch = Watch(server)
-        model.reset()
-        burst = Burst(server.port, args.slow_users, USER_TIMEOUT, "slow-sync")
-        burst.go()
+        watch, burst = watched_burst(server, model, args.slow_users, USER_TIMEOUT, "slow-sync")
         burst.join(burst.started + USER_TIMEOUT + 5)
         result = watch.finish()
         replies = sorted(seconds for _, seconds, _, _ in burst.answered(200))
@@ -314,10 +320,7 @@ def run_async(args):
     receiver = CallbackClock()
     try:
         with slow_daemon(args, receiver.url) as (model, server):
-            watch = Watch(server)
-            model.reset()
-            burst = Burst(server.port, args.slow_users, 30.0, "slow-async")
-            burst.go()
+            watch, burst = watched_burst(server, model, args.slow_users, 30.0, "slow-async")
             burst.join(burst.started + 35)
             accepted = {}  # message_id -> when its 202 arrived
             for sent, seconds, status, data in burst.answered(202):
@@ -341,10 +344,8 @@ def run_async(args):
 
 def run_waiting(args):
     with slow_daemon(args) as (model, server):
-        watch = Watch(server)
-        model.reset()
-        burst = Burst(server.port, args.waiting_users, USER_TIMEOUT, "slow-wait")
-        burst.go()
+        watch, burst = watched_burst(server, model, args.waiting_users, USER_TIMEOUT,
+                                     "slow-wait")
         time.sleep(max(0.0, burst.started + WAITING_WINDOW - time.perf_counter()))
         answered = len(burst.answered(200))
         max_in_flight = model.max_in_flight
