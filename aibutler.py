@@ -134,16 +134,16 @@ def data_dir_from_env(env=None):
 def command_hint(data_dir, *words, env=None):
     """The command line that works where this process runs: this interpreter and
     this file (Debian has no `python`), AIBUTLER_DATA when the data directory is
-    not the invoking user's default, and sudo when that directory belongs to a
-    service (systemd started us: its user is no one's login)."""
+    not the invoking user's default, and both with sudo under systemd (the
+    operator is not the service's user, whoever that is)."""
     env = os.environ if env is None else env
+    prefix = []
+    if env.get("INVOCATION_ID"):
+        prefix = ["sudo", "AIBUTLER_DATA=" + shlex.quote(data_dir)]
+    elif data_dir != data_dir_from_env({}):
+        prefix = ["AIBUTLER_DATA=" + shlex.quote(data_dir)]
     command = [sys.executable or "python3", os.path.abspath(__file__), *words]
-    if data_dir != data_dir_from_env({}):
-        command.insert(0, "AIBUTLER_DATA=" + shlex.quote(data_dir))
-        if env.get("INVOCATION_ID") and os.geteuid() != 0:
-            command.insert(0, "sudo")
-    return " ".join(command[:1] + [shlex.quote(word) if not word.startswith("AIBUTLER_DATA=")
-                                   else word for word in command[1:]])
+    return " ".join(prefix + [shlex.quote(word) for word in command])
 
 
 def ensure_data_dir(path):
@@ -457,7 +457,9 @@ class Config:
 class Settings:
     """The config in force, shared by every part that reads settings: a reload
     (SIGHUP) swaps it here with one assignment, and every part sees the new
-    values at its next read. Reads go through: settings.webhook.path."""
+    values at its next read. Reads go through: settings.webhook.path. Built once
+    at start, and so needing a restart: the listening address and thread
+    counts, sync or async mode, and the tools ([tools])."""
 
     def __init__(self, config):
         self.config = config
@@ -466,12 +468,14 @@ class Settings:
         return getattr(self.config, name)
 
 
-TURN_SLACK = 5.0  # seconds a turn may take beyond its model calls (tools, sqlite)
+TOOL_TIMEOUT = 5.0  # seconds a tool that goes online (weather) may take per call
+TURN_SLACK = 5.0    # seconds a turn may take beyond its model and tool calls (sqlite)
 
 
 def turn_time_limit(settings):
-    """The longest a turn can take: every model call of max_steps timing out."""
-    return settings.agent.timeout * settings.agent.max_steps + TURN_SLACK
+    """The longest a turn can take: every step's model call and tools timing out."""
+    agent = settings.agent
+    return agent.max_steps * (agent.timeout + TOOL_TIMEOUT) + TURN_SLACK
 
 
 def section_defaults(section):
@@ -647,13 +651,16 @@ class Vault:
 
     def _read_file(self):
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return {}
         except OSError as exc:
             why = ("it is a symbolic link, which aibutler does not follow: remove it"
                    if exc.errno == errno.ELOOP else exc.strerror or str(exc))
             raise VaultError(f"{self.path}: cannot read the vault: {why}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would hang root's command
+            os.close(fd)
+            raise VaultError(f"{self.path}: cannot read the vault: not a regular file")
         try:
             with os.fdopen(fd, encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -802,7 +809,9 @@ class Store:
         # instead of sleeping in sqlite's busy handler (which costs milliseconds).
         self._write_lock = threading.Lock()
         self.write_error = None  # why the last write failed, until one succeeds
-        for suffix in ("", "-wal", "-shm"):  # sqlite itself would follow a planted link
+        # Created here, not by sqlite: never through a link, 0600 whatever the
+        # umask, and (when root runs the CLI) owned by the service user.
+        for suffix in ("", "-wal", "-shm"):
             os.close(open_private(path + suffix))
         try:
             self.conn().executescript(SCHEMA)
@@ -821,7 +830,8 @@ class Store:
         name = "durable" if durable else "db"
         db = getattr(self._local, name, None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+            db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
+                                 isolation_level=None,
                                  check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
@@ -1307,7 +1317,8 @@ def _deadline_handlers(until):
     """urllib handlers whose connections keep to `until` (time.monotonic())."""
     def connection_class(base):
         class Connection(base):
-            def connect(self):
+            def connect(self):  # connect (and TLS handshake) within what is left, too
+                self.timeout = max(0.001, until - time.monotonic())
                 super().connect()
                 self.sock = _DeadlineSocket(self.sock, until)
         return Connection
@@ -1328,8 +1339,9 @@ def _deadline_handlers(until):
 def http_request(method, url, body, headers, timeout):
     """One HTTP exchange. Returns (status, headers, body) for every HTTP status;
     raises OSError (URLError, timeouts, broken answers) when no whole answer came
-    within `timeout` seconds in total. Redirects are not followed; bodies are
-    read up to MAX_RESPONSE_BYTES."""
+    within `timeout` seconds in total (name resolution aside: the resolver has
+    its own timeouts). Redirects are not followed; bodies are read up to
+    MAX_RESPONSE_BYTES."""
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
         time.monotonic() + timeout))
@@ -1341,6 +1353,8 @@ def http_request(method, url, body, headers, timeout):
             return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
     except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
         raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
+    except (ValueError, UnicodeError) as exc:  # e.g. a header value: its text holds a secret
+        raise ConnectionError(f"cannot send the request ({type(exc).__name__})") from None
 
 
 def http_post(url, body, headers, timeout):
@@ -1400,7 +1414,10 @@ def seconds_until_http_date(value, now=None):
     Aware datetimes only, never the platform's time_t, which ends in 2038 on 32-bit
     systems such as Raspberry Pi OS's armhf userland."""
     import email.utils  # only needed for the rare HTTP-date form
-    parts = email.utils.parsedate_tz(value)
+    try:
+        parts = email.utils.parsedate_tz(value)
+    except Exception:  # noqa: BLE001 - before bpo-45239 (3.9.2) odd input raised anything
+        return None  # unparsable: the caller's own backoff, as documented
     if parts is None:
         return None
     try:
@@ -1541,10 +1558,18 @@ def reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def loads_json(text):
-    """json.loads without Python's NaN/Infinity extensions, which strict parsers
-    (and so our senders and callback receivers) refuse."""
-    return json.loads(text, parse_constant=reject_constant)
+    """json.loads without Python's NaN/Infinity extensions (nor numbers that
+    overflow to them), which strict parsers, and so our senders and callback
+    receivers, refuse."""
+    return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
 
 
 def strict_json(value):
@@ -1575,11 +1600,14 @@ CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.
 CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
+CALC_MAX_CHARS = 200
+
+
 def calculate(expression):
     """Arithmetic on numbers with + - * / // % ** ^ and parentheses; never eval()."""
     text = expression.replace("^", "**").replace("×", "*").replace("÷", "/").strip()
-    if not text or len(text) > 200:
-        raise ToolError("the expression must be 1 to 200 characters")
+    if not text or len(text) > CALC_MAX_CHARS:
+        raise ToolError(f"the expression must be 1 to {CALC_MAX_CHARS} characters")
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError:
@@ -1667,7 +1695,7 @@ class WeatherTool:
 
     CACHE_SECONDS = 600
     CACHE_PLACES = 256
-    TIMEOUT = 5.0
+    TIMEOUT = TOOL_TIMEOUT
     CURRENT = ("temperature_2m,apparent_temperature,relative_humidity_2m,is_day,"
                "weather_code,wind_speed_10m")
     NO_LOCATION = ("no location given and the message's metadata has none: ask the user "
@@ -1806,9 +1834,6 @@ class WeatherTool:
                 raise late from None
             raise ToolError(f"the weather service at {url_host(url)} cannot be reached "
                             f"({network_reason(exc)}); it needs internet access") from None
-        except http.client.HTTPException as exc:
-            raise ToolError(f"the weather service at {url_host(url)} answered garbage "
-                            f"({type(exc).__name__})") from None
         try:
             answer = json.loads(body)
         except ValueError:
@@ -1822,14 +1847,14 @@ class WeatherTool:
         return answer
 
 
-def build_tools(settings, metrics, notifier=None):
+def build_tools(tools_config, metrics, notifier=None):
     """The tool registry every provider is offered: those the [tools] section
-    (`settings`) enables. `notifier(ctx, message)` queues a message to the
-    outbound URL; webhook_send exists only when one is given."""
+    enables. `notifier(ctx, message)` queues a message to the outbound URL;
+    webhook_send exists only when one is given."""
     registry = ToolRegistry(metrics)
 
     def offer(tool):
-        if tool.name in settings.enabled:
+        if tool.name in tools_config.enabled:
             registry.register(tool)
     offer(Tool(
         "current_time", "The current date and time, in the sender's time zone when known.",
@@ -1839,7 +1864,7 @@ def build_tools(settings, metrics, notifier=None):
     offer(Tool(
         "calculate", "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses).",
         {"type": "object", "properties": {"expression": {"type": "string", "minLength": 1,
-                                                         "maxLength": 200}},
+                                                         "maxLength": CALC_MAX_CHARS}},
          "required": ["expression"], "additionalProperties": False}, tool_calculate))
     offer(Tool(
         "remember", "Store a fact about this user for later conversations.",
@@ -1859,7 +1884,8 @@ def build_tools(settings, metrics, notifier=None):
                          "description": "town or city, e.g. Madrid or Paris, France"},
             "latitude": {"type": "number"}, "longitude": {"type": "number"}},
          "additionalProperties": False},
-        WeatherTool(settings.weather_url, settings.geocoding_url, settings.units)))
+        WeatherTool(tools_config.weather_url, tools_config.geocoding_url,
+                    tools_config.units)))
     if notifier is not None:
         offer(Tool(
             "webhook_send", "Send a message to the user's system through the outbound webhook.",
@@ -2124,15 +2150,18 @@ class HTTPModel:
                              f"{self.agent.timeout:g}s ([agent] timeout)")
 
 
+PROVIDER_MESSAGE_MAX = 300  # characters of a model server's error passed on
+
+
 def provider_message(body):
     """The provider's own error message, short, for the sender to act on."""
     try:
         data = json.loads(body)
         error = data.get("error", data)
         text = error.get("message") if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         text = body.decode("utf-8", "replace")
-    return one_line(text or "")[:300] or "no details"
+    return one_line(text or "")[:PROVIDER_MESSAGE_MAX] or "no details"
 
 
 def tool_call_arguments_text(arguments):
@@ -2530,6 +2559,8 @@ class WorkerPool:
     line after rescue_delay(), and again until a write succeeds."""
 
     RESCUE_FIRST, RESCUE_MAX = 1.0, 60.0  # seconds; doubled while writes keep failing
+    # Set by each kind of pool: its Store, its table and claim(hold) -> item or None.
+    store = table = claim = None
 
     def __init__(self, name, count, poll=1.0):
         self.name = name
@@ -2631,7 +2662,8 @@ class WorkerPool:
                           self.name, storage_problem(exc), self.rescue_delay())
                 self._stranded_at = time.monotonic()
                 return
-            self._stranded_at = None
+            if self._stranded_at == failed_at:  # a failure meanwhile waits for its turn
+                self._stranded_at = None
         if count:
             log.info("%s: %d item(s) back in line after a failed write", self.name, count)
             self.wakeups.release(count)
@@ -2651,6 +2683,9 @@ class WorkerPool:
             return False
         self.handle(item)
         return True
+
+    def handle(self, item):
+        raise NotImplementedError
 
     def rescue(self, held):
         return self.store.requeue(self.table, held)
@@ -2727,7 +2762,11 @@ class CallbackDispatcher(WorkerPool):
         return message_id
 
     def next_wait(self):
-        due = self.store.next_delivery_due()
+        try:
+            due = self.store.next_delivery_due()
+        except sqlite3.Error as exc:  # the loop must live on; a poll later it asks again
+            log.error("%s: cannot read the outbox: %s", self.name, one_line(exc))
+            return self.poll
         if due is None:
             return self.poll
         return min(self.poll, max(0.01, due - self.clock()))
@@ -2939,6 +2978,9 @@ class Authenticator:
                               if now - v[-1] < self.FAILURE_WINDOW}
         if len(self._blocked) > self.MAX_ADDRESSES:
             self._blocked = {c: until for c, until in self._blocked.items() if until > now}
+        for table in (self._failures, self._blocked):  # all recent: the oldest go
+            while len(table) > self.MAX_ADDRESSES:
+                del table[next(iter(table))]
 
 
 def ip_in(address, networks):
@@ -2988,6 +3030,9 @@ def check_strings(value, field, depth=0):
             check_strings(item, f"{field}[{index}]", depth + 1)
 
 
+USER_ID_MAX, SESSION_ID_MAX, ATTACHMENTS_MAX = 256, 128, 20  # what a message may carry
+
+
 def validate_message(data):
     """A parsed body -> the message the agent gets, or 422 naming the field."""
     if not isinstance(data, dict):
@@ -2995,8 +3040,8 @@ def validate_message(data):
     user_id, message = data.get("user_id"), data.get("message")
     if not isinstance(user_id, str) or not user_id.strip():
         raise ApiError(422, "user_id is required: a non-empty string", field="user_id")
-    if len(user_id) > 256:
-        raise ApiError(422, "user_id is longer than 256 characters", field="user_id")
+    if len(user_id) > USER_ID_MAX:
+        raise ApiError(422, f"user_id is longer than {USER_ID_MAX} characters", field="user_id")
     if not isinstance(message, str) or not message.strip():
         raise ApiError(422, "message is required: a non-empty string", field="message")
     for field in ("user_id", "message", "metadata", "session_id", "attachments"):
@@ -3009,9 +3054,9 @@ def validate_message(data):
         request["metadata"] = metadata
     session_id = data.get("session_id")
     if session_id is not None:
-        if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
-            raise ApiError(422, "session_id must be a string of 1 to 128 characters",
-                           field="session_id")
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= SESSION_ID_MAX:
+            raise ApiError(422, f"session_id must be a string of 1 to {SESSION_ID_MAX} "
+                                "characters", field="session_id")
         request["session_id"] = session_id
     attachments = data.get("attachments")
     if attachments is not None:
@@ -3020,9 +3065,9 @@ def validate_message(data):
 
 
 def validate_attachments(attachments):
-    if not isinstance(attachments, list) or len(attachments) > 20:
-        raise ApiError(422, "attachments must be a list of at most 20 {url, type?, name?}",
-                       field="attachments")
+    if not isinstance(attachments, list) or len(attachments) > ATTACHMENTS_MAX:
+        raise ApiError(422, f"attachments must be a list of at most {ATTACHMENTS_MAX} "
+                            "{url, type?, name?}", field="attachments")
     checked = []
     for i, item in enumerate(attachments):
         field = f"attachments[{i}]"
@@ -3309,8 +3354,10 @@ class Butler:
     def reload(self, config):
         """Apply a re-read config file (SIGHUP): one swap that every part reads
         through, and a model built from the new [agent] section."""
-        if config.async_mode != self.settings.async_mode:
-            log.warning("config: switching between sync and async mode needs a restart")
+        if config.async_mode != self.settings.async_mode:  # half a switch loses callbacks
+            log.warning("config: switching between sync and async mode needs a restart; "
+                        "keeping [channels.webhook] outbound_url as it was")
+            config.webhook.outbound_url = self.settings.webhook.outbound_url
         self.settings.config = config
         self.agent.model = build_model(config.agent, self.vault)
 
@@ -3342,8 +3389,9 @@ class Watchdog:
 
     LOOP_STUCK_AFTER = 30.0  # seconds without a beat of the HTTP loop
 
-    def __init__(self, butler, env, loop_beat):
-        self.butler = butler
+    def __init__(self, readiness, store, env, loop_beat):
+        self.readiness = readiness  # () -> {check: bool}
+        self.store = store
         self.env = env
         self.loop_beat = loop_beat  # () -> time.monotonic() of the loop's last turn
         self.address = None
@@ -3375,14 +3423,13 @@ class Watchdog:
         return True
 
     def status_text(self):
-        store = self.butler.store
-        counts = store.delivery_counts()
-        return (f"serving on {self.address}; {store.pending_jobs()} message(s) queued, "
+        counts = self.store.delivery_counts()
+        return (f"serving on {self.address}; {self.store.pending_jobs()} message(s) queued, "
                 f"{counts.get('pending', 0) + counts.get('sending', 0)} callback(s) pending, "
                 f"{counts.get('failed', 0)} failed")
 
     def problems(self):
-        found = [name + " not healthy" for name, ok in self.butler.readiness().items()
+        found = [name + " not healthy" for name, ok in self.readiness().items()
                  if not ok and name not in ("queue", "storage")]  # a restart fixes neither
         if time.monotonic() - self.loop_beat() > self.LOOP_STUCK_AFTER:
             found.append("the HTTP server loop is stuck")
@@ -3411,15 +3458,15 @@ class Maintenance:
         interval = min(self.watchdog.interval or self.TICK_EVERY, self.TICK_EVERY)
         next_prune = 0.0
         while not stopped.wait(interval):
-            if self.under_systemd:
-                self.watchdog.tick()
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + self.PRUNE_EVERY
-                try:
+            try:
+                if self.under_systemd:
+                    self.watchdog.tick()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self.PRUNE_EVERY
                     self.store.prune(self.settings.delivery.idempotency_ttl,
                                      self.settings.sessions.max_history)
-                except sqlite3.Error as exc:
-                    log.error("storage: pruning failed: %s", exc)
+            except sqlite3.Error as exc:  # no tick this time (systemd notices); go on
+                log.error("maintenance: the database failed: %s", one_line(exc))
 
 
 class Daemon:
@@ -3428,9 +3475,11 @@ class Daemon:
     finish up to [server] shutdown_timeout, keep the rest in sqlite for the next
     start.
 
-    waitress has no public stop API, so the daemon runs waitress's own loop one
-    poll at a time and reads a few internals (`server._map`, `asyncore`, a
-    channel's buffers): checked by CI on waitress 2.1 (Debian) and 3.x (pip)."""
+    waitress has no public stop API and no per-client limits, so the daemon
+    runs waitress's own loop one poll at a time and reads a few internals
+    (`server._map`, `asyncore`, `channel_class`, a channel's `request`,
+    `requests`, `will_close` and buffers): checked by CI on waitress 2.1
+    (Debian) and 3.x (pip)."""
 
     BODY_SLACK = 65536  # bytes waitress reads beyond max_body_bytes (headers, chunking)
 
@@ -3444,7 +3493,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.loop_beat = time.monotonic()
-        self.watchdog = Watchdog(self.butler, self.env, lambda: self.loop_beat)
+        self.watchdog = Watchdog(self.butler.readiness, store, self.env, lambda: self.loop_beat)
+        self.guard = None  # a ConnectionGuard once the server exists
         self.inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -3478,9 +3528,11 @@ class Daemon:
                 clear_untrusted_proxy_headers=False,
                 max_request_body_size=2 * server_cfg.max_body_bytes + self.BODY_SLACK)
         except OSError as exc:
+            fix = ("free the port or set [server] port" if exc.errno == errno.EADDRINUSE
+                   else "check [server] host and port")
             log.error("cannot listen on %s:%d: %s (exit %d: systemd does not restart it; "
-                      "free the port or set [server] port)", server_cfg.host, server_cfg.port,
-                      one_line(exc), EXIT_CANNOT_LISTEN)
+                      "%s)", server_cfg.host, server_cfg.port, one_line(exc),
+                      EXIT_CANNOT_LISTEN, fix)
             return EXIT_CANNOT_LISTEN
         self.guard = ConnectionGuard(server, lambda: self.settings.server)
         for signum in (signal.SIGTERM, signal.SIGINT):  # before anyone can see us listening
@@ -3575,10 +3627,8 @@ class ConnectionGuard:
     headers slowly, or idle; trusted proxies exempt), and [server]
     header_timeout to send a request's headers (waitress's channel_timeout only
     counts silence, which a client trickling a byte every few seconds never
-    keeps). Runs in waitress's loop thread, the only one that touches channels.
-
-    waitress internals used here and in Daemon (the loop, `_map`, `channel_class`,
-    a channel's `request` and `will_close`): checked by CI on waitress 2.1 and 3.x."""
+    keeps). Runs in waitress's loop thread, the only one that touches channels;
+    it reads waitress internals too (see Daemon)."""
 
     SWEEP_EVERY = 1.0  # seconds between looks at half-received requests
     WARN_EVERY = 60.0  # seconds between log lines about refused connections
@@ -3597,8 +3647,8 @@ class ConnectionGuard:
         limit = settings.client_connection_limit
         if limit and host and not ip_in(host, settings.trusted_proxies):
             open_now = sum(1 for channel in list(server._map.values())
-                           if getattr(channel, "addr", None) and channel.addr[0] == host
-                           and not getattr(channel, "requests", None))
+                           if isinstance(channel, self._channel_class)
+                           and channel.addr[0] == host and not channel.requests)
             if open_now >= limit:
                 conn.close()
                 self._warn("greedy", f"refused a connection from {host}: it has {open_now} open "
@@ -3797,14 +3847,19 @@ def cmd_run(args):
 
 
 def check_listen_address(server):
-    """A host that does not parse or resolve is a config error, found before
-    anything is bound or generated."""
+    """A host that does not parse or resolve, or names several addresses (like
+    localhost: 127.0.0.1 and ::1), is a config error, found before anything is
+    bound or generated."""
     try:
-        socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM,
-                           flags=socket.AI_PASSIVE)
+        found = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
         raise ConfigError(f"[server] host = {server.host!r}: cannot listen there "
                           f"({one_line(exc)})") from None
+    addresses = sorted({info[4][0] for info in found})
+    if len(addresses) > 1:
+        raise ConfigError(f"[server] host = {server.host!r} names several addresses; "
+                          f"name one of: {', '.join(addresses)}")
 
 
 def read_secret_value(args):
@@ -3892,9 +3947,9 @@ def cmd_deliveries_list(args):
     rows = store.list_deliveries(args.failed, args.limit)
     for row in rows:
         created = iso_utc(row["created"])
-        print(printable(f"{row['message_id']}\t{row['state']}\tattempts={row['attempts']}\t"
-                        f"{created}\tuser={row['user_id']}\t{row['last_error'] or ''}")
-              .replace("\\t", "\t"))  # the columns' tabs stay tabs
+        print("\t".join(printable(str(field)) for field in (
+            row["message_id"], row["state"], f"attempts={row['attempts']}", created,
+            f"user={row['user_id']}", row["last_error"] or "")))
     if not rows:
         print("aibutler: no deliveries" + (" have failed" if args.failed else ""),
               file=sys.stderr)

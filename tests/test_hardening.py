@@ -170,14 +170,14 @@ def test_untrusted_forwarded_for_is_ignored_through_waitress(daemon):
 def test_the_blocked_address_table_stays_bounded(app_for):
     client = app_for(server={"metrics_public": "true"})
     auth = client.butler.auth
-    auth.FAILURES_ALLOWED, auth.MAX_ADDRESSES, auth.BLOCK_FOR = 1, 5, 0.001
+    auth.FAILURES_ALLOWED, auth.MAX_ADDRESSES = 1, 5  # every one blocked, all recent
     for i in range(200):
         assert client.simulate_post("/webhook/custom", remote_addr=f"192.0.2.{i}",
                                     headers={"X-Aibutler-Secret": "wrong"}).status_code == 401
     text = client.simulate_get("/metrics").text
     tracked = [line for line in text.splitlines()
                if line.startswith("aibutler_auth_tracked_addresses ")]
-    assert tracked and float(tracked[0].split()[1]) <= 2 * (auth.MAX_ADDRESSES + 1)
+    assert tracked and float(tracked[0].split()[1]) <= 2 * auth.MAX_ADDRESSES
 
 
 # --- nothing stuck, nothing 500 --------------------------------------------------------
@@ -440,7 +440,7 @@ def test_request_values_cannot_forge_log_lines_or_reach_the_terminal(daemon, rec
     d = daemon(f"[channels.webhook]\noutbound_url = {callbacks.url}\n").start()
     http_request(d.url + "/nope%0a2026-01-01%2000:00:00,000%20ERROR%20aibutler:%20FORGED"
                  "%1b[2J", None, {}, "GET")
-    d.post({"user_id": "evil\x1b[31m\nFORGED line", "message": "hi"})
+    d.post({"user_id": "evil\x1b[31m\nFORGED line\tcolumn", "message": "hi"})
     d.wait_log("FAILED for good")
     listing = d.cli("deliveries", "list").stdout
     assert d.stop() == 0
@@ -448,7 +448,8 @@ def test_request_values_cannot_forge_log_lines_or_reach_the_terminal(daemon, rec
                    for line in d.log.splitlines())
     assert "\x1b" not in d.log and "nope\\n2026-01-01" in d.log and "\\x1b[2J" in d.log
     assert "\x1b" not in listing and len(listing.strip().splitlines()) == 1
-    assert "evil\\x1b[31m\\nFORGED line" in listing
+    assert "evil\\x1b[31m\\nFORGED line\\tcolumn" in listing
+    assert len(listing.strip().split("\t")) == 6  # a tab in a field cannot add a column
 
 
 # --- config that fails late ---------------------------------------------------------------
@@ -568,3 +569,73 @@ def test_a_port_in_use_exits_69_which_the_unit_does_not_restart(daemon):
 def aibutler_root():
     import pathlib
     return pathlib.Path(aibutler.__file__).resolve().parent
+
+
+# --- found in review ------------------------------------------------------------------
+
+def test_a_key_with_a_newline_never_reaches_a_body_or_the_log(app_for, vault, receiver,
+                                                              caplog):
+    model = receiver([ok(openai_text("hi"))])
+    vault.set("openai_api_key", "sk-LEAKED-1234\nX-Injected: yes")
+    client = app_for(agent={"provider": "openai", "base_url": model.url})
+    result = client.simulate_post("/webhook/custom", json={"user_id": "u", "message": "hi"},
+                                  headers={"X-Aibutler-Secret": SECRET,
+                                           "Content-Type": "application/json"})
+    assert result.status_code == 502 and "cannot send the request" in result.text
+    assert "LEAKED" not in result.text and "LEAKED" not in caplog.text
+    assert model.requests == []
+
+
+def test_numbers_that_overflow_are_not_json_either(app_for, receiver):
+    client = app_for()
+    result = client.simulate_post("/webhook/custom", body=b'{"user_id": "u", "message": "m", '
+                                  b'"metadata": {"x": 1e999}}',
+                                  headers={"X-Aibutler-Secret": SECRET,
+                                           "Content-Type": "application/json"})
+    assert result.status_code == 400 and "out of range" in result.json["error"]["description"]
+    with pytest.raises(aibutler.ToolError, match="not valid JSON"):
+        aibutler.tool_arguments('{"latitude": 1e999}')
+
+
+def test_a_host_naming_several_addresses_is_a_config_error(daemon):
+    found = {info[4][0] for info in socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)}
+    if len(found) < 2:
+        pytest.skip("localhost names one address here")
+    exits_78_naming(daemon, [("[server]\nhost = localhost\n", "[server] host")])
+
+
+def test_under_systemd_the_hint_says_sudo_and_the_data_dir():
+    hint = aibutler.command_hint("/var/lib/aibutler", "vault", "get", "webhook_auth_secret",
+                                 env={"INVOCATION_ID": "x"})
+    assert hint.startswith("sudo AIBUTLER_DATA=/var/lib/aibutler ")
+    assert hint.endswith(" vault get webhook_auth_secret") and sys.executable in hint
+
+
+def test_a_fifo_planted_as_the_vault_does_not_hang_the_cli(daemon):
+    d = daemon(secret=None)
+    d.data.mkdir(mode=0o700)
+    os.mkfifo(d.data / "vault.json")
+    result = d.cli("vault", "get", "webhook_auth_secret", check=False)
+    assert result.returncode == 1 and "not a regular file" in result.stderr
+
+
+def test_a_dispatcher_outlives_a_failed_read_of_the_outbox(app_for, receiver):
+    callbacks = receiver()
+    client = app_for(webhook={"outbound_url": callbacks.url})
+    store = client.butler.store
+    real, failures = store.next_delivery_due, []
+
+    def flaky():  # one disk I/O error, as an SD card gives
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("disk I/O error")
+        return real()
+    store.next_delivery_due = flaky
+    client.butler.start()
+    eventually(lambda: failures)
+    assert client.simulate_post("/webhook/custom", json={"user_id": "u", "message": "hi"},
+                                headers={"X-Aibutler-Secret": SECRET,
+                                         "Content-Type": "application/json"}).status_code == 202
+    callbacks.wait_for(1)
+    assert client.simulate_get("/readyz").json["checks"]["dispatchers"] is True

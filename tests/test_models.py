@@ -285,7 +285,8 @@ def test_the_pending_count_changes_only_when_the_commit_does(store):
                                   "Fri, 01 Jan 2100 00:00:00 GMT",
                                   "Fri Jan  1 00:00:00 2100",         # asctime, no zone
                                   "Friday, 01-Jan-00 00:00:00 GMT",  # RFC 850: 2000, past
-                                  "Fri, 01 Jan 2100 00:00:00"])
+                                  "Fri, 01 Jan 2100 00:00:00",
+                                  "Wed, 3 Apr 2002 12.34.56.78+0800"])  # bpo-45239
 def test_http_dates_never_touch_the_platform_time_t(text):
     wait = aibutler.parse_retry_after(text)
     if "2100" in text:

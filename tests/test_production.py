@@ -76,6 +76,7 @@ def test_sd_notify_abstract_socket_and_outside_systemd():
 def test_watchdog_stops_while_a_worker_is_wedged(tmp_path, vault, store, receiver,
                                                  monkeypatch):
     monkeypatch.setattr(aibutler, "TURN_SLACK", 0.2)  # what a turn may take beyond its calls
+    monkeypatch.setattr(aibutler, "TOOL_TIMEOUT", 0.2)
     model = receiver([ok(openai_tool_call("block", {})), ok(openai_text("unblocked"))])
     callbacks = receiver()
     config = make_config(
@@ -84,8 +85,9 @@ def test_watchdog_stops_while_a_worker_is_wedged(tmp_path, vault, store, receive
         delivery={"workers": "1"})
     notify = NotifySocket(tmp_path / "notify")
     butler = aibutler.Butler(config, vault, store)
-    watchdog = aibutler.Watchdog(butler, {"NOTIFY_SOCKET": notify.path,
-                                          "WATCHDOG_USEC": "1000000"}, time.monotonic)
+    watchdog = aibutler.Watchdog(butler.readiness, store, {"NOTIFY_SOCKET": notify.path,
+                                                          "WATCHDOG_USEC": "1000000"},
+                                 time.monotonic)
     release = threading.Event()
     butler.tools.register(aibutler.Tool("block", "never returns on its own", {"type": "object"},
                                           lambda ctx: {"released": release.wait(60)}))
