@@ -3757,7 +3757,9 @@ def duration_argument(text):
 
 
 def fail(message, code=EXIT_FAILURE):
-    print(f"aibutler: {message}", file=sys.stderr)
+    """One line on stderr, an error in the journal's eyes too (priority 3)."""
+    priority = "<3>" if on_journal(os.environ, sys.stderr) else ""
+    print(f"{priority}aibutler: {printable(message)}", file=sys.stderr)
     return code
 
 

@@ -513,6 +513,13 @@ def test_journal_lines_carry_syslog_priorities_and_no_timestamps(daemon, tmp_pat
     assert any(line.startswith("<4>WARNING aibutler: auth: rejected") for line in lines)
     assert all(re.match(r"<[3467]>", line) for line in lines), lines
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in lines)
+    # a fatal error before logging is set up is an error in the journal too
+    with open(log_path, "w") as stream:
+        info = os.fstat(stream.fileno())
+        env = dict(d.env, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}", AIBUTLER_PORT="70000")
+        assert subprocess.run([sys.executable, "aibutler.py", "run"], cwd=d.folder, env=env,
+                              stdout=stream, stderr=stream).returncode == 78
+    assert log_path.read_text().startswith("<3>aibutler: bad configuration: ")
     # an inherited JOURNAL_STREAM that is not our stderr changes nothing
     d.env["JOURNAL_STREAM"] = "1:1"
     d.start()
