@@ -5,6 +5,7 @@ import base64
 import collections
 import concurrent.futures
 import signal
+import os
 import threading
 import time
 
@@ -349,3 +350,36 @@ def test_sigterm_keeps_unstarted_work_for_the_next_start(daemon, receiver):
     arrived = collections.Counter(r["json"]["message_id"] for r in callbacks.requests)
     assert arrived == collections.Counter(accepted)  # each one, exactly once
     assert [r["json"]["reply"] for r in callbacks.requests] == ["done"] * 3
+
+
+def test_durable_commits_share_fsyncs_and_each_waits_for_one(tmp_path):
+    """Group commit: with a slow disk (50 ms per fsync, as an SD card gives a
+    few), 20 accepts at once need far fewer than 20 fsyncs, and none returns
+    before an fsync that began after it started has finished."""
+    import aibutler
+    syncs, lock = [], threading.Lock()
+
+    def slow_fsync(fd):
+        started = time.monotonic()
+        time.sleep(0.05)
+        os.fsync(fd)
+        with lock:
+            syncs.append((started, time.monotonic()))
+    store = aibutler.Store(str(tmp_path / "aibutler.db"), fsync=slow_fsync)
+    spans = []
+
+    def accept(i):
+        began = time.monotonic()
+        with store.transaction(durable=True) as db:
+            store.add_job(db, f"msg-{i}", f"user-{i}", "sess", {"user_id": f"user-{i}"})
+        spans.append((began, time.monotonic()))
+    threads = [threading.Thread(target=accept, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert store.pending_jobs() == 20 and len(spans) == 20
+    assert 1 <= len(syncs) <= 10, syncs
+    for began, returned in spans:
+        assert any(began <= start and end <= returned for start, end in syncs)
+    store.close()
