@@ -31,7 +31,6 @@ import getpass
 import hashlib
 import hmac
 import http.client
-import importlib.util
 import io
 import ipaddress
 import json
@@ -123,7 +122,7 @@ def error_dict(status, description, title=None, field=None):
     return body
 
 
-# === Files: the data directory ============================================
+# === Files: the data directory ==============================================
 
 def data_dir_from_env(env=None):
     env = os.environ if env is None else env
@@ -1308,7 +1307,7 @@ def format_labels(labels):
     return "{" + ",".join(escaped) + "}"
 
 
-# === HTTP client: deadlines, retries, HTTP dates =========================
+# === HTTP client: deadlines, retries, HTTP dates ============================
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
@@ -2874,7 +2873,7 @@ class CallbackDispatcher(WorkerPool):
                       row["message_id"]))
 
 
-# === HTTP: limits, authentication, resources, create_app ===================
+# === HTTP: limits, authentication, resources, create_app ====================
 
 MAX_USERS_LIMITED = 10000  # token buckets kept at once (full ones are dropped first)
 
@@ -3330,7 +3329,7 @@ def create_app(settings, auth, limits, inbox, metrics, readiness, stopping):
     return app
 
 
-# === Wiring: every part built once =========================================
+# === Wiring: every part built once ==========================================
 
 class Butler:
     """Every working part, built and wired together once: the only place that

@@ -4,7 +4,6 @@ content parts, lost error messages, history windows, truncation and refusals.
 Also HTTP dates past 2038 and without a zone (32-bit Raspberry Pi OS)."""
 
 import email.utils
-import json
 import logging
 import sqlite3
 import time
