@@ -815,7 +815,7 @@ class Store:
         self._wal = open_private(path + "-wal")  # kept open: durable commits fsync it
         self._fsync = fsync
         self._synced = threading.Condition()  # group commit, see _sync_through
-        self._committed = self._on_disk = 0   # durable commits made / known on disk
+        self._committed = self._on_disk = 0   # commits made / known to be on disk
         self._syncing = False
         try:
             self.conn().executescript(SCHEMA)
@@ -868,9 +868,9 @@ class Store:
         """Group commit: wait until the WAL is on disk up to `commit`. The first
         thread to need it fsyncs the WAL outside the write lock, for every commit
         made so far; those arriving meanwhile wait for the next fsync and share
-        it. One fsync per durable commit on a fast disk, a few hundred commits
-        per fsync when it takes milliseconds (an SD card), and writers never
-        wait for the disk while holding the write lock."""
+        it: one fsync per durable commit on a fast disk, one for all the commits
+        made during the last when it takes milliseconds (an SD card), and writers
+        never wait for the disk while holding the write lock."""
         with self._synced:
             while self._on_disk < commit:
                 if self._syncing:
@@ -882,7 +882,8 @@ class Store:
                     if self._wal is None:
                         raise sqlite3.ProgrammingError("the store is closed")
                     self._fsync(self._wal)
-                except OSError as exc:
+                except OSError as exc:  # a 503 like any failed write, and /readyz says so
+                    self.write_error = storage_problem(exc)
                     raise sqlite3.OperationalError(f"disk I/O error: {exc}") from None
                 finally:
                     self._synced.acquire()
@@ -1731,6 +1732,8 @@ class WeatherTool:
 
     CACHE_SECONDS = 600
     CACHE_PLACES = 256
+    PLACE_MAX_CHARS = 200   # of a place name
+    REASON_MAX_CHARS = 200  # of the service's own error text, passed on
     TIMEOUT = TOOL_TIMEOUT
     CURRENT = ("temperature_2m,apparent_temperature,relative_humidity_2m,is_day,"
                "weather_code,wind_speed_10m")
@@ -1771,7 +1774,7 @@ class WeatherTool:
                 raise ToolError("give both latitude and longitude, or a location name")
             return cls._coordinates(latitude, longitude)
         if isinstance(metadata.get("location"), str) and metadata["location"].strip():
-            return {"name": metadata["location"].strip()[:200]}
+            return {"name": metadata["location"].strip()[:cls.PLACE_MAX_CHARS]}
         try:
             return cls._coordinates(float(metadata["latitude"]), float(metadata["longitude"]))
         except (KeyError, TypeError, ValueError, ToolError):  # none, or none usable
@@ -1877,7 +1880,8 @@ class WeatherTool:
         if not 200 <= status < 300:
             reason = answer.get("reason") if isinstance(answer, dict) else None  # Open-Meteo's
             raise ToolError(f"the weather service answered HTTP {status}"
-                            + (f": {one_line(str(reason))[:200]}" if reason else ""))
+                            + (f": {one_line(str(reason))[:self.REASON_MAX_CHARS]}"
+                               if reason else ""))
         if not isinstance(answer, dict):
             raise ToolError("the weather service answered with something that is not JSON")
         return answer
@@ -1916,7 +1920,7 @@ def build_tools(tools_config, metrics, notifier=None):
         "for a place name or coordinates. With no arguments it uses the location in the "
         "message's metadata; if there is none, it says so and you should ask the user.",
         {"type": "object", "properties": {
-            "location": {"type": "string", "maxLength": 200,
+            "location": {"type": "string", "maxLength": WeatherTool.PLACE_MAX_CHARS,
                          "description": "town or city, e.g. Madrid or Paris, France"},
             "latitude": {"type": "number"}, "longitude": {"type": "number"}},
          "additionalProperties": False},
@@ -1957,10 +1961,10 @@ class BuiltinModel:
                 "and store the key with `python aibutler.py vault set openai_api_key` "
                 "(see the README).")
     HELP_TEXT = ("I'm AI Butler. Without a language model I can: tell the time and date "
-            "(\"what time is it?\"), give the current weather (\"what's the weather in "
-            "Madrid?\"), calculate (\"what is 17 * 23?\"), remember facts (\"remember that "
-            "my locker is 42\") and recall them (\"what is my locker?\", \"what do you "
-            "remember?\").")
+                 "(\"what time is it?\"), give the current weather (\"what's the weather "
+                 "in Madrid?\"), calculate (\"what is 17 * 23?\"), remember facts "
+                 "(\"remember that my locker is 42\") and recall them (\"what is my "
+                 "locker?\", \"what do you remember?\").")
     NO_PLACE = ("Where are you? Tell me a town or city (\"what's the weather in Madrid?\") "
                 "and I'll look it up.")
     WEATHER_OFF = ("I can't look up the weather here: the weather tool is turned off "
