@@ -366,7 +366,7 @@ CONFIG_SCHEMA = {
         "port": ("3377", parse_port),
         "threads": ("4", parse_int_between(1, 256)),
         "max_body_bytes": ("1048576", parse_positive_int),
-        "connection_limit": ("200", parse_int_between(1, 10000)),
+        "connection_limit": ("500", parse_int_between(1, 10000)),
         "client_connection_limit": ("20", parse_int_between(0, 10000)),
         "header_timeout": ("10s", parse_positive_duration),
         "channel_timeout": ("60s", parse_positive_duration),
@@ -399,6 +399,7 @@ CONFIG_SCHEMA = {
         "max_tokens": ("1024", parse_positive_int),
         "max_tokens_param": ("auto", parse_choice("auto", "max_tokens",
                                                   "max_completion_tokens")),
+        "concurrency": ("64", parse_int_between(1, 1024)),
         "system_prompt": (DEFAULT_SYSTEM_PROMPT, str.strip),
     },
     "sessions": {
@@ -796,14 +797,19 @@ def storage_problem(exc):
 class Store:
     """Everything that must survive a restart, in one sqlite file (WAL mode).
 
-    Each thread gets its own connection; write transactions are BEGIN IMMEDIATE,
-    so claiming a job or a delivery is atomic across threads and processes (the
-    `deliveries` CLI edits the same file while the daemon runs)."""
+    Each operation borrows a connection and gives it back (IDLE_KEPT at most
+    are kept open): threads come and go with the load (TurnGate), and 50
+    threads waiting on a model need no connection, nor its page cache. Write
+    transactions are BEGIN IMMEDIATE, so claiming a job or a delivery is atomic
+    across threads and processes (the `deliveries` CLI edits the same file while
+    the daemon runs)."""
+
+    IDLE_KEPT = 8
 
     def __init__(self, path, clock=time.time, fsync=os.fsync):
         self.path = path
         self.clock = clock
-        self._local = threading.local()
+        self._idle = []  # connections not borrowed now
         # One writer at a time inside this process: threads queue on a lock
         # instead of sleeping in sqlite's busy handler (which costs milliseconds).
         self._write_lock = threading.Lock()
@@ -818,7 +824,8 @@ class Store:
         self._committed = self._on_disk = 0   # commits made / known to be on disk
         self._syncing = False
         try:
-            self.conn().executescript(SCHEMA)
+            with self.connection() as db:
+                db.executescript(SCHEMA)
             self._pending = self._count_pending()
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -827,28 +834,48 @@ class Store:
 
     BUSY_TIMEOUT_MS = 10000  # how long a write waits for another process (the CLI)
 
-    def conn(self):
-        """This thread's connection. Its commits survive a killed process; a
-        power cut only once the WAL is synced (durable transactions wait for it)."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
-                                 isolation_level=None,
-                                 check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
-            self._local.db = db
+    @contextlib.contextmanager
+    def connection(self):
+        """A connection for one operation. Its commits survive a killed process;
+        a power cut only once the WAL is synced (durable transactions wait for it)."""
+        try:
+            db = self._idle.pop()
+        except IndexError:
+            db = self._connect()
+        try:
+            yield db
+        finally:
+            self._give_back(db)
+
+    def _read(self, sql, params=()):
+        with self.connection() as db:
+            return db.execute(sql, params).fetchall()
+
+    def _read_one(self, sql, params=()):
+        with self.connection() as db:
+            return db.execute(sql, params).fetchone()
+
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000,
+                             isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
         return db
+
+    def _give_back(self, db):
+        if len(self._idle) < self.IDLE_KEPT and not db.in_transaction and self._wal is not None:
+            self._idle.append(db)
+        else:
+            db.close()
 
     @contextlib.contextmanager
     def transaction(self, durable=False):
         """One write transaction; durable=True: on disk before it returns (a
         promise made to a sender). The in-memory count of pending jobs changes
         only once COMMIT succeeded."""
-        db = self.conn()
-        with self._writer():
+        with self.connection() as db, self._writer():
             self._pending_change = 0
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -914,11 +941,9 @@ class Store:
         return self.write_error is None
 
     def close(self):
-        """This thread's connection, and the WAL's descriptor."""
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """The connections kept open, and the WAL's descriptor."""
+        while self._idle:
+            self._idle.pop().close()
         if self._wal is not None:
             os.close(self._wal)
             self._wal = None
@@ -931,13 +956,14 @@ class Store:
         Returns None when session_id names no session of this user. Only a new
         session writes; record_exchange keeps last_active current."""
         now = self.clock()
+        read_one = self._read_one if db is None else lambda *q: db.execute(*q).fetchone()
         if session_id:
-            row = (db or self.conn()).execute(
-                "SELECT id FROM sessions WHERE id=? AND user_id=?", (session_id, user_id)).fetchone()
+            row = read_one("SELECT id FROM sessions WHERE id=? AND user_id=?",
+                           (session_id, user_id))
             return row["id"] if row else None
         find = ("SELECT id FROM sessions WHERE user_id=? AND last_active>=? "
                 "ORDER BY last_active DESC LIMIT 1", (user_id, now - idle_timeout))
-        row = (db or self.conn()).execute(*find).fetchone()
+        row = read_one(*find)
         if row is not None:
             return row["id"]
         if db is None:
@@ -958,9 +984,9 @@ class Store:
         """The newest `limit` messages, from the first user message among them:
         chat templates (Gemma, Mistral) refuse a history that opens with the
         assistant. Tool calls are never stored, so none is split from its result."""
-        rows = self.conn().execute(
+        rows = self._read(
             "SELECT role, content FROM messages WHERE session_id=? ORDER BY id DESC LIMIT ?",
-            (session_id, limit)).fetchall()
+            (session_id, limit))
         window = [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
         while window and window[0]["role"] != "user":
             window.pop(0)
@@ -971,8 +997,7 @@ class Store:
         max_history messages (a trigger touches the session). On the hot path of
         every turn: two statements, no more."""
         now = self.clock()
-        db = self.conn()
-        with self._writer():
+        with self.connection() as db, self._writer():
             db.execute("INSERT INTO messages (session_id, role, content, created) "
                        "VALUES (?,'user',?,?), (?,'assistant',?,?)",
                        (session_id, user_text, now, session_id, reply, now))
@@ -1000,8 +1025,8 @@ class Store:
     def recall(self, user_id, query="", limit=20):
         """This user's facts, newest first; with a query, only those sharing a
         word with it (see words_in), the ones sharing the most first."""
-        rows = self.conn().execute(
-            "SELECT fact FROM memories WHERE user_id=? ORDER BY id DESC", (user_id,)).fetchall()
+        rows = self._read("SELECT fact FROM memories WHERE user_id=? ORDER BY id DESC",
+                          (user_id,))
         words = self.recall_words(query)
         facts = [row["fact"] for row in rows]
         if words:
@@ -1082,8 +1107,7 @@ class Store:
         return self._pending
 
     def _count_pending(self):
-        return self.conn().execute(
-            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued','running')").fetchone()[0]
+        return self._read_one("SELECT COUNT(*) FROM jobs WHERE state IN ('queued','running')")[0]
 
     def claim_job(self, hold):
         """The oldest queued job whose user has no job running (per-user order);
@@ -1144,9 +1168,7 @@ class Store:
             return row
 
     def next_delivery_due(self):
-        row = self.conn().execute(
-            "SELECT MIN(next_attempt) FROM deliveries WHERE state='pending'").fetchone()
-        return row[0]
+        return self._read_one("SELECT MIN(next_attempt) FROM deliveries WHERE state='pending'")[0]
 
     def delivery_done(self, seq):
         with self.transaction() as db:
@@ -1167,7 +1189,7 @@ class Store:
         sql = "SELECT * FROM deliveries"
         if failed_only:
             sql += " WHERE state='failed'"
-        return self.conn().execute(sql + " ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return self._read(sql + " ORDER BY seq DESC LIMIT ?", (limit,))
 
     def retry_deliveries(self, message_id=None):
         """Put failed (or one named) deliveries back in line with a fresh schedule."""
@@ -1190,7 +1212,7 @@ class Store:
                               "AND finished < ?", (cutoff,)).rowcount
 
     def delivery_counts(self):
-        rows = self.conn().execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+        rows = self._read("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
         return {state: count for state, count in rows}
 
     # --- signed inbound requests -----------------------------------------------
@@ -2465,6 +2487,19 @@ class Agent:
 
 
 # === Delivery: inbox, turn workers, callback dispatcher =====================
+#
+# How many turns run at once is decided by the model server, not by threads.
+# Every turn, sync or async, passes the TurnGate: at most [agent] concurrency
+# turns talk to the model at once, the others wait in arrival order, and one
+# user's turns run one at a time, in order. A thread that waits at the gate or
+# for a model server is "parked": its pool (waitress's request threads, or the
+# turn workers) starts a spare thread meanwhile, so [server] threads and
+# [delivery] workers count only threads that are free for quick work (accepts,
+# builtin turns), and 50 slow turns take 50 parked threads (about 15 kB each),
+# not a queue. Health probes never wait for a thread at all: waitress's loop
+# thread answers them (Daemon). An async message is committed before its 202;
+# durable commits share their fsync (Store._sync_through), so a slow SD card
+# costs one fsync per batch of accepts, not one each.
 
 def sign_payload(secret, message_id, timestamp, body):
     """Standard Webhooks v1: base64 HMAC-SHA256 of "id.timestamp.body", keyed
@@ -2480,7 +2515,101 @@ def request_fingerprint(request):
 
 
 QUEUE_FULL_RETRY_AFTER = 30     # seconds a sender waits when max_pending is reached
+MODEL_BUSY_RETRY_AFTER = 30     # ... when a sync turn waited its whole time at the gate
 STILL_RUNNING_RETRY_AFTER = 10  # ... when a repeat outwaited the first request (409)
+
+
+class TurnGate:
+    """[agent] concurrency: at most that many turns at the model at once; the
+    others wait in arrival order, and a user's turn waits for the same user's
+    earlier turns. `pools` is per thread: the pool (with park() and unpark())
+    that the current thread belongs to, if any."""
+
+    def __init__(self, settings, remote):
+        self.settings = settings
+        self.remote = remote  # () -> True when turns wait on a model server
+        self.pools = threading.local()
+        self._lock = threading.Lock()
+        self._waiting = collections.deque()  # [user_id, Event, granted], arrival order
+        self._users = set()  # users with a turn in progress
+        self.running = 0
+
+    @contextlib.contextmanager
+    def turn(self, user_id, timeout=None, while_waiting=contextlib.nullcontext):
+        """Hold a place for one turn of user_id. A wait longer than timeout
+        raises 503 (only sync turns have a sender waiting); the wait happens
+        inside while_waiting()."""
+        pool = getattr(self.pools, "pool", None)
+        waiter = None
+        with self._lock:
+            if self._may_start(user_id):
+                self._start(user_id)
+            else:
+                waiter = [user_id, threading.Event(), False]
+                self._waiting.append(waiter)
+        parked = pool is not None and (waiter is not None or self.remote())
+        if parked:
+            pool.park()
+        try:
+            if waiter is not None:
+                with while_waiting():
+                    self._wait(waiter, timeout)
+            yield
+        finally:
+            if parked:
+                pool.unpark()
+            if waiter is None or waiter[2]:
+                self._finish(user_id)
+
+    def waiting(self):
+        return len(self._waiting)
+
+    def regrant(self):
+        """After a reload: a larger limit lets waiting turns start now."""
+        with self._lock:
+            self._grant()
+
+    def _may_start(self, user_id):
+        return (self.running < self.settings.agent.concurrency and user_id not in self._users
+                and not any(waiter[0] == user_id for waiter in self._waiting))
+
+    def _start(self, user_id):
+        self.running += 1
+        self._users.add(user_id)
+
+    def _wait(self, waiter, timeout):
+        if waiter[1].wait(timeout):
+            return
+        with self._lock:
+            if waiter[2]:  # granted just as the wait ran out
+                return
+            self._waiting.remove(waiter)
+            self._grant()  # a later turn of another user may go now
+        raise ApiError(503, f"the model is busy: {self.running} turns are running and "
+                            f"{len(self._waiting)} more are waiting ([agent] concurrency); "
+                            "try again later", retry_after=MODEL_BUSY_RETRY_AFTER)
+
+    def _finish(self, user_id):
+        with self._lock:
+            self.running -= 1
+            self._users.discard(user_id)
+            self._grant()
+
+    def _grant(self):
+        """Start waiting turns in arrival order while there is room; a user with
+        a turn in progress, or an earlier one waiting, keeps later ones waiting."""
+        passed = set()
+        for waiter in list(self._waiting):
+            if self.running >= self.settings.agent.concurrency:
+                return
+            user_id = waiter[0]
+            if user_id in self._users or user_id in passed:
+                passed.add(user_id)
+                continue
+            self._waiting.remove(waiter)
+            self._start(user_id)
+            waiter[2] = True
+            waiter[1].set()
 
 
 class Inbox:
@@ -2491,10 +2620,11 @@ class Inbox:
 
     RECHECK_EVERY = 0.5  # seconds between looks at a repeat's first request, at most
 
-    def __init__(self, settings, store, agent, workers):
+    def __init__(self, settings, store, agent, gate, workers):
         self.settings = settings
         self.store = store
         self.agent = agent
+        self.gate = gate
         self.workers = workers
         self._finished = threading.Condition()
 
@@ -2510,7 +2640,8 @@ class Inbox:
                                                     self.settings.sessions.idle_timeout)
             if session_id is None:
                 raise unknown_session()
-            result = self.agent.run_turn(request, session_id)
+            with self.gate.turn(user_id, timeout=turn_time_limit(self.settings)):
+                result = self.agent.run_turn(request, session_id)
         except BaseException:
             if key:
                 self.store.idempotency_drop(user_id, key)  # a retry may run it again
@@ -2594,6 +2725,11 @@ class WorkerPool:
     until notified (or `poll` seconds pass). Tracks what each thread is doing,
     for the watchdog.
 
+    A thread that waits on something slow (a model server) may park(): the
+    pool then starts a spare thread so that `count` threads stay free, up to
+    `most` threads in all; a spare left over after unpark() ends once its item
+    is done.
+
     An item whose state a failed write could not record (a full disk) stays
     'running' or 'sending' in sqlite; `rescue(held)` puts such items back in
     line after rescue_delay(), and again until a write succeeds."""
@@ -2602,15 +2738,19 @@ class WorkerPool:
     # Set by each kind of pool: its Store, its table and claim(hold) -> item or None.
     store = table = claim = None
 
-    def __init__(self, name, count, poll=1.0):
+    def __init__(self, name, count, poll=1.0, most=None):
         self.name = name
         self.count = count
+        self.most = most or (lambda: count)  # () -> the most threads at once
         self.poll = poll
         # A release with nobody waiting is kept for the next acquire, so work that
         # arrives between a poll and a wait is not left for the poll interval.
         self.wakeups = threading.Semaphore(0)
         self._stopping = threading.Event()
         self._threads = []
+        self._threads_lock = threading.Lock()
+        self._parked = 0
+        self._started = 0  # threads ever started: names stay unique
         self._busy_since = {}
         self._holding = {}  # thread name -> the item (seq) it has in hand
         self._stranded_at = None
@@ -2620,10 +2760,46 @@ class WorkerPool:
 
     def start(self):
         self._stopping.clear()
-        for index in range(self.count):
-            thread = threading.Thread(target=self._loop, name=f"{self.name}-{index}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        with self._threads_lock:
+            for _ in range(self.count):
+                self._start_thread()
+
+    def _start_thread(self):
+        thread = threading.Thread(target=self._loop, name=f"{self.name}-{self._started}",
+                                  daemon=True)
+        self._started += 1
+        self._threads.append(thread)
+        thread.start()
+
+    def park(self):
+        """This thread is about to wait a long time: start a spare if allowed."""
+        with self._threads_lock:
+            self._parked += 1
+            if (not self._stopping.is_set() and len(self._threads) - self._parked < self.count
+                    and len(self._threads) < self.most()):
+                self._start_thread()
+
+    def unpark(self):
+        with self._threads_lock:
+            self._parked -= 1
+
+    @contextlib.contextmanager
+    def unwatched(self):
+        """A wait in line is not being wedged: the clock restarts after it."""
+        me = threading.current_thread().name
+        self._busy_since.pop(me, None)
+        try:
+            yield
+        finally:
+            self._busy_since[me] = time.monotonic()
+
+    def _retire_spare(self):
+        """True when this thread is one too many now that others unparked."""
+        with self._threads_lock:
+            if len(self._threads) - self._parked <= self.count:
+                return False
+            self._threads.remove(threading.current_thread())
+            return True
 
     def notify(self):
         self.wakeups.release()
@@ -2638,19 +2814,24 @@ class WorkerPool:
         self._drain_until = deadline if drain else None
         self._stopping.set()
         self.wakeups.release(max(1, len(self._threads)))
-        for thread in self._threads:
+        with self._threads_lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         busy = sorted(name for name in list(self._holding)
-                      if any(t.name == name and t.is_alive() for t in self._threads))
+                      if any(t.name == name and t.is_alive() for t in threads))
         if busy:
             log.warning("%s: still busy at shutdown, left for the next start: %s",
                         self.name, ", ".join(busy))
-        self._threads = []
+        with self._threads_lock:
+            self._threads = []
 
     def healthy(self, wedged_after):
         """All threads alive and none stuck on one item for longer than wedged_after."""
         now = time.monotonic()
-        if len(self._threads) != self.count or not all(t.is_alive() for t in self._threads):
+        with self._threads_lock:
+            threads = list(self._threads)
+        if len(threads) < self.count or not all(t.is_alive() for t in threads):
             return False
         return all(now - since < wedged_after for since in list(self._busy_since.values()))
 
@@ -2676,6 +2857,8 @@ class WorkerPool:
             finally:
                 self._busy_since.pop(me, None)
                 self._holding.pop(me, None)
+            if did_work and self._retire_spare():
+                return
             if not did_work:
                 if self._stopping.is_set():
                     break
@@ -2735,19 +2918,28 @@ class TurnWorkers(WorkerPool):
     """Run queued async turns, one user's messages in arrival order, and put
     each reply (or error) in the outbox for the dispatcher."""
 
-    def __init__(self, store, agent, dispatcher, count):
-        super().__init__("turn-worker", count)
+    def __init__(self, settings, store, agent, gate, dispatcher):
+        # Up to [agent] concurrency turns at the model, and `workers` free threads.
+        count = settings.delivery.workers
+        super().__init__("turn-worker", count,
+                         most=lambda: count + settings.agent.concurrency)
         self.store = store
         self.agent = agent
+        self.gate = gate
         self.dispatcher = dispatcher
         self.table, self.claim = "jobs", store.claim_job
+
+    def _loop(self):
+        self.gate.pools.pool = self
+        super()._loop()
 
     def handle(self, job):
         request = json.loads(job["request"])
         body = {"session_id": job["session_id"], "in_reply_to": job["user_id"],
                 "message_id": job["message_id"]}
         try:
-            result = self.agent.run_turn(request, job["session_id"], job["message_id"])
+            with self.gate.turn(job["user_id"], while_waiting=self.unwatched):
+                result = self.agent.run_turn(request, job["session_id"], job["message_id"])
             body.update(reply=result["reply"], tool_calls=result["tool_calls"])
             if result.get("truncated"):
                 body["truncated"] = True
@@ -3350,8 +3542,9 @@ class Butler:
                                  if settings.async_mode else None)
         self.agent = Agent(build_model(settings.agent, vault), self.tools, store, settings,
                            metrics)
-        self.workers = TurnWorkers(store, self.agent, self.dispatcher, settings.delivery.workers)
-        self.inbox = Inbox(settings, store, self.agent, self.workers)
+        self.gate = TurnGate(settings, lambda: isinstance(self.agent.model, HTTPModel))
+        self.workers = TurnWorkers(settings, store, self.agent, self.gate, self.dispatcher)
+        self.inbox = Inbox(settings, store, self.agent, self.gate, self.workers)
         self.auth = Authenticator(settings, vault, store, metrics)
         self.limits = Limits(settings, metrics)
         metrics.gauge("aibutler_queue_depth", store.pending_jobs)
@@ -3400,6 +3593,7 @@ class Butler:
             config.webhook.outbound_url = self.settings.webhook.outbound_url
         self.settings.config = config
         self.agent.model = build_model(config.agent, self.vault)
+        self.gate.regrant()
 
 
 # === Serving: waitress, signals, systemd notify and watchdog ================
@@ -3476,19 +3670,47 @@ class Watchdog:
         return found
 
 
+class GlibcMalloc:
+    """Memory given back after a burst. Threads come and go with the load
+    (TurnGate); glibc gives each thread that allocates an arena of its own
+    (up to 8 per core) and keeps what is freed there. So: two arenas, as
+    MALLOC_ARENA_MAX=2 would give, set before any thread starts, and
+    malloc_trim() once the threads of a burst have ended. Nothing happens where
+    the C library is not glibc (musl, macOS)."""
+
+    M_ARENA_MAX = -8  # from glibc's malloc.h
+
+    def __init__(self):
+        import ctypes  # here: only serving needs it
+        libc = ctypes.CDLL(None)
+        self.mallopt = getattr(libc, "mallopt", None)
+        self.malloc_trim = getattr(libc, "malloc_trim", None)
+
+    def limit_arenas(self, count=2):
+        if self.mallopt is not None:
+            self.mallopt(self.M_ARENA_MAX, count)
+
+    def trim(self):
+        if self.malloc_trim is not None:
+            self.malloc_trim(0)
+
+
 class Maintenance:
     """A background thread: a watchdog tick every few seconds under systemd
-    (elsewhere /readyz tells the same, on demand), and storage pruned hourly so
-    the file does not grow on a device left alone for months."""
+    (elsewhere /readyz tells the same, on demand), storage pruned hourly so
+    the file does not grow on a device left alone for months, and memory
+    trimmed after a burst of threads."""
 
     TICK_EVERY = 10.0    # seconds, at most (less when systemd's watchdog asks)
     PRUNE_EVERY = 3600.0
 
-    def __init__(self, store, settings, watchdog, env):
+    def __init__(self, store, settings, watchdog, env, malloc=None):
         self.store = store
         self.settings = settings
         self.watchdog = watchdog
         self.under_systemd = bool(env.get("NOTIFY_SOCKET"))
+        self.malloc = malloc
+        self._threads_seen = threading.active_count()
 
     def start(self, stopped):
         threading.Thread(target=self._run, args=(stopped,), name="maintenance",
@@ -3505,8 +3727,16 @@ class Maintenance:
                     next_prune = time.monotonic() + self.PRUNE_EVERY
                     self.store.prune(self.settings.delivery.idempotency_ttl,
                                      self.settings.sessions.max_history)
+                self._trim_after_burst()
             except sqlite3.Error as exc:  # no tick this time (systemd notices); go on
                 log.error("maintenance: the database failed: %s", one_line(exc))
+
+    def _trim_after_burst(self):
+        """Threads ended since the last tick: what they freed goes back to the system."""
+        threads = threading.active_count()
+        if self.malloc is not None and threads < self._threads_seen:
+            self.malloc.trim()
+        self._threads_seen = threads
 
 
 class Daemon:
@@ -3515,15 +3745,17 @@ class Daemon:
     finish up to [server] shutdown_timeout, keep the rest in sqlite for the next
     start.
 
-    waitress has no public stop API and no per-client limits, so the daemon
-    runs waitress's own loop one poll at a time and reads a few internals
-    (`server._map`, `asyncore`, `channel_class`, a channel's `request`,
-    `requests`, `will_close` and buffers): checked by CI on waitress 2.1
-    (Debian) and 3.x (pip)."""
+    waitress has no public stop API, no per-client limits and a fixed thread
+    count, so the daemon runs waitress's own loop one poll at a time and uses
+    a few internals (`server._map`, `asyncore`, `channel_class`, `add_task`,
+    `task_dispatcher.set_thread_count`, a channel's `service()`, `request`,
+    `requests` (their `path`, `command`, `error`), `will_close` and buffers):
+    checked by CI on waitress 2.1 (Debian) and 3.x (pip)."""
 
     BODY_SLACK = 65536  # bytes waitress reads beyond max_body_bytes (headers, chunking)
 
-    def __init__(self, config, vault, store, config_path=None, env=None):
+    def __init__(self, config, vault, store, config_path=None, env=None, malloc=None):
+        self.malloc = malloc  # GlibcMalloc, or None: leave memory to the C library
         self.vault = vault
         self.store = store
         self.config_path = config_path
@@ -3535,12 +3767,19 @@ class Daemon:
         self.loop_beat = time.monotonic()
         self.watchdog = Watchdog(self.butler.readiness, store, self.env, lambda: self.loop_beat)
         self.guard = None  # a ConnectionGuard once the server exists
+        self.request_threads = None  # RequestThreads, likewise
+        self._probes = collections.deque()  # channels whose next request is a probe
+        self._loop_thread = None
         self.inflight = 0
         self._inflight_lock = threading.Lock()
 
     def wsgi(self, app):
-        """Count requests inside the app, so a graceful stop knows when they are done."""
+        """Count requests inside the app, so a graceful stop knows when they are done,
+        and tell the turn gate which pool this thread belongs to."""
+        gate = self.butler.gate
+
         def tracked(environ, start_response):
+            gate.pools.pool = self.request_threads
             with self._inflight_lock:
                 self.inflight += 1
             try:
@@ -3575,6 +3814,8 @@ class Daemon:
                       EXIT_CANNOT_LISTEN, fix)
             return EXIT_CANNOT_LISTEN
         self.guard = ConnectionGuard(server, lambda: self.settings.server)
+        self.request_threads = RequestThreads(server.task_dispatcher, server_cfg.threads)
+        self._dispatch, server.add_task = server.add_task, self._add_task
         for signum in (signal.SIGTERM, signal.SIGINT):  # before anyone can see us listening
             signal.signal(signum, self._on_stop_signal(server))
         signal.signal(signal.SIGHUP, self._on_reload_signal(server))
@@ -3582,7 +3823,7 @@ class Daemon:
         self._log_startup(server)
         self.watchdog.address = f"{server.effective_host}:{server.effective_port}"
         sd_notify("READY=1\nSTATUS=" + self.watchdog.status_text(), self.env)
-        Maintenance(self.store, self.settings, self.watchdog, self.env).start(
+        Maintenance(self.store, self.settings, self.watchdog, self.env, self.malloc).start(
             self.stop_requested)
         self._serve(server)
         self._shutdown(server)
@@ -3621,12 +3862,31 @@ class Daemon:
             server.pull_trigger()
         return handler
 
+    PROBES = ("/healthz", "/readyz")
+
+    def _add_task(self, channel):
+        """waitress hands over a connection whose next request is complete (in its
+        loop thread, or in a request thread after a pipelined request). A health
+        probe is answered by the loop thread right after this poll (_poll):
+        probes never wait for a request thread, even when all of them are busy."""
+        request = channel.requests[0]
+        if (request.path in self.PROBES and request.command in ("GET", "HEAD")
+                and not request.error and threading.current_thread() is self._loop_thread):
+            self._probes.append(channel)
+        else:
+            self._dispatch(channel)
+
+    def _poll(self, server, timeout):
+        server.asyncore.loop(timeout=timeout, map=server._map, use_poll=True, count=1)
+        while self._probes:
+            self._probes.popleft().service()
+
     def _serve(self, server):
         """waitress's own loop, one poll at a time, so a stop can be graceful."""
-        loop = server.asyncore.loop
+        self._loop_thread = threading.current_thread()
         next_sweep = 0.0
         while not self.stop_requested.is_set():
-            loop(timeout=1.0, map=server._map, use_poll=True, count=1)
+            self._poll(server, 1.0)
             self.loop_beat = now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + ConnectionGuard.SWEEP_EVERY
@@ -3651,13 +3911,43 @@ class Daemon:
         self.butler.stopping.set()
         server.accepting = False
         server.close()  # stop listening: new connections are refused, not left hanging
-        loop = server.asyncore.loop
         while time.monotonic() < deadline and (self.inflight or pending_output(server)):
-            loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+            self._poll(server, 0.05)
+        self.request_threads.close()
         self.butler.stop(deadline)
         server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
         self.store.close()
         log.info("stopped")
+
+
+class RequestThreads:
+    """waitress's request threads: [server] threads of them free for requests,
+    plus one more for each thread parked at the turn gate or on a model server
+    (TurnGate), started when it parks and ended when it is back."""
+
+    def __init__(self, dispatcher, free):
+        self.dispatcher = dispatcher  # waitress's ThreadedTaskDispatcher
+        self.free = free
+        self.parked = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def park(self):
+        self._resize(+1)
+
+    def unpark(self):
+        self._resize(-1)
+
+    def close(self):
+        """Stopping: waitress's shutdown sets the thread count from now on."""
+        with self._lock:
+            self._closed = True
+
+    def _resize(self, change):
+        with self._lock:
+            self.parked += change
+            if not self._closed:
+                self.dispatcher.set_thread_count(self.free + self.parked)
 
 
 class ConnectionGuard:
@@ -3868,6 +4158,8 @@ def setup_logging(level, env=None):
 
 
 def cmd_run(args):
+    malloc = GlibcMalloc()
+    malloc.limit_arenas()  # before any thread starts
     try:
         load_web_stack()
     except ImportError as exc:
@@ -3885,7 +4177,7 @@ def cmd_run(args):
     for warning in data_dir_warnings(data_dir, fresh=not os.path.lexists(vault.path)):
         log.warning("files: %s", warning)
     store = open_store(data_dir)
-    return Daemon(config, vault, store, args.config, env).run()
+    return Daemon(config, vault, store, args.config, env, malloc).run()
 
 
 def check_listen_address(server):

@@ -204,7 +204,7 @@ def daemon_env(data, extra_config=""):
     with open(config, "w") as handle:
         handle.write(compose_config(
             "[limits]\nrate = 0\nuser_rate = 0\n[server]\n"
-            f"threads = {THREADS}\nconnection_limit = 200\n", extra_config))
+            f"threads = {THREADS}\n", extra_config))
     env = dict(os.environ, AIBUTLER_DATA=data, AIBUTLER_WEBHOOK_AUTH_SECRET=SECRET)
     env.pop("AIBUTLER_WEBHOOK_OUTBOUND_URL", None)
     return env, config

@@ -19,7 +19,8 @@ Each user comes from its own loopback address (127.0.1.x, ...), as distinct
 people do, so the default `[server] client_connection_limit` (20 per address)
 does not refuse them. Throughout each run, GET /healthz and /readyz are probed
 every 100 ms from one more address (a monitor), each probe on a new connection
-in its own thread so a stalled probe does not delay the next; a probe that gets
+in its own thread so a stalled probe does not delay the next (from a process
+of their own, as a monitor is); a probe that gets
 no answer within PROBE_TIMEOUT, or whose connection is dropped, counts as
 unanswered. The fake model counts the most calls it held at the same moment;
 the daemon's resident memory is read before, every 100 ms during, and
@@ -30,7 +31,10 @@ import contextlib
 import http.client
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,7 +48,7 @@ PROBE_ADDRESS = "127.0.9.1"
 USER_TIMEOUT = 120.0   # seconds a sync user waits for its reply
 CALLBACK_TIMEOUT = 180.0  # seconds after the burst that async callbacks are awaited
 WAITING_WINDOW = 10.0  # seconds the many-waiting run is watched
-AFTER_SECONDS = 5.0    # when memory is read again after a run
+AFTER_SECONDS = 12.0   # when memory is read again after a run (the daemon trims every 10 s)
 QUIET_BEFORE = 1.0     # seconds of probes before the burst
 
 
@@ -160,39 +164,22 @@ def timed_request(method, port, path, source, timeout, body=None, headers=None):
 
 class Prober:
     """GET each path every PROBE_EVERY seconds from PROBE_ADDRESS, each probe
-    on a new connection in its own thread."""
+    on a new connection in its own thread. The probes run in a process of
+    their own (this file run as `slow_model.py probe PORT`), as a monitor
+    does: in this process their timing would include waits for this
+    process's GIL, busy with hundreds of users' and the fake model's threads."""
 
     def __init__(self, port, paths=("/healthz", "/readyz")):
-        self.port = port
         self.results = {path: [] for path in paths}  # (seconds, status or None, why)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._probes = []
-        self._scheduler = threading.Thread(target=self._schedule, daemon=True)
-        self._scheduler.start()
-
-    def _schedule(self):
-        next_at = time.perf_counter()
-        while not self._stop.is_set():
-            for path in self.results:
-                probe = threading.Thread(target=self._probe, args=(path,), daemon=True)
-                probe.start()
-                self._probes.append(probe)
-            next_at += PROBE_EVERY
-            self._stop.wait(max(0.0, next_at - time.perf_counter()))
-
-    def _probe(self, path):
-        seconds, status, why = timed_request("GET", self.port, path, PROBE_ADDRESS,
-                                             PROBE_TIMEOUT)
-        with self._lock:
-            self.results[path].append((seconds, status, why if status is None else ""))
+        self._child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "probe",
+                                        str(port), *paths],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def stop(self):
         """No more probes; wait for those under way (each ends by PROBE_TIMEOUT)."""
-        self._stop.set()
-        self._scheduler.join()
-        for probe in self._probes:
-            probe.join(PROBE_TIMEOUT + 5)
+        out, _ = self._child.communicate(timeout=PROBE_TIMEOUT + 10)  # closes its stdin
+        for path, results in json.loads(out).items():
+            self.results[path] = [tuple(r) for r in results]
 
     def summary(self, path):
         """Count, p99 and max in ms, where an unanswered probe counts as infinite;
@@ -207,6 +194,39 @@ class Prober:
                 "timeouts": sum(why == "timeout" for _, _, why in results),
                 "dropped": sum(why == "dropped" for _, _, why in results),
                 "not_200": sum(status not in (None, 200) for _, status, _ in results)}
+
+
+def probe_main(port, paths):
+    """The prober's process: probe until stdin closes, then print the results."""
+    results = {path: [] for path in paths}
+    lock = threading.Lock()
+    stop = threading.Event()
+    probes = []
+
+    def probe(path):
+        seconds, status, why = timed_request("GET", port, path, PROBE_ADDRESS, PROBE_TIMEOUT)
+        with lock:
+            results[path].append((seconds, status, why if status is None else ""))
+
+    def schedule():
+        next_at = time.perf_counter()
+        while not stop.is_set():
+            for path in paths:
+                thread = threading.Thread(target=probe, args=(path,), daemon=True)
+                thread.start()
+                probes.append(thread)
+            next_at += PROBE_EVERY
+            stop.wait(max(0.0, next_at - time.perf_counter()))
+
+    scheduler = threading.Thread(target=schedule, daemon=True)
+    scheduler.start()
+    sys.stdin.read()
+    stop.set()
+    scheduler.join()
+    for thread in probes:
+        thread.join(PROBE_TIMEOUT + 5)
+    with lock:
+        json.dump(results, sys.stdout)
 
 
 def percentile(values, q):
@@ -442,3 +462,7 @@ def report(runs, args):
                   f"{delay + 1:g} s, probes p99 ≤ 50 ms in every run, RSS peak − before ≤ 15 MB "
                   "and back near before afterwards.", ""]
     return lines
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
+    probe_main(int(sys.argv[2]), sys.argv[3:])

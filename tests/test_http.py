@@ -166,7 +166,8 @@ def test_history_is_capped(app_for, store, receiver):
         last = 38 if user == "a" else 39
         assert shown == [f"{user} {last - 4}", "ok", f"{user} {last - 2}", "ok", f"{user} {last}"]
     store.prune(86400, 4)
-    assert store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2 * 4
+    with store.connection() as db:
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2 * 4
     for user in "ab":  # what the prune kept is what the next turn is shown
         post(client, body={"user_id": user, "message": "again"})
         last = 38 if user == "a" else 39
@@ -180,7 +181,8 @@ def test_history_is_trimmed_as_it_goes(app_for, store, users):
     for i in range(200):
         user = users[i % len(users)]
         post(client, body={"user_id": user, "message": f"hello {i}"})
-    stored = store.conn().execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    with store.connection() as db:
+        stored = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
     assert stored == len(users) * 4  # trimmed as it goes, not kept forever
 
 

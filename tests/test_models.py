@@ -184,8 +184,9 @@ def test_users_taking_turns_keep_their_sessions_trimmed(app_for, store):
     for i in range(40):
         for user in ("alice", "bob"):
             assert ask(client, f"hello {i}", user).status_code == 200
-    rows = store.conn().execute("SELECT session_id, COUNT(*) AS n FROM messages "
-                                "GROUP BY session_id").fetchall()
+    with store.connection() as db:
+        rows = db.execute("SELECT session_id, COUNT(*) AS n FROM messages "
+                          "GROUP BY session_id").fetchall()
     assert len(rows) == 2 and all(row["n"] <= 4 for row in rows)
 
 
@@ -262,11 +263,11 @@ def test_vault_get_and_source_agree(tmp_path):
 
 
 def test_the_pending_count_changes_only_when_the_commit_does(store):
-    db = store.conn()
-    db.execute("PRAGMA foreign_keys=ON")
-    db.executescript("CREATE TABLE parent (id INTEGER PRIMARY KEY);"
-                     "CREATE TABLE child (p INTEGER REFERENCES parent(id) "
-                     "DEFERRABLE INITIALLY DEFERRED);")
+    with store.connection() as db:  # the one the next transaction borrows
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript("CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+                         "CREATE TABLE child (p INTEGER REFERENCES parent(id) "
+                         "DEFERRABLE INITIALLY DEFERRED);")
     with pytest.raises(sqlite3.IntegrityError):
         with store.transaction() as tx:  # the COMMIT itself fails
             store.add_job(tx, "msg-1", "u", "sess-1", {"user_id": "u", "message": "hi"})
