@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 import argparse
 import ast
 import base64
+import bisect
 import collections
 import configparser
 import contextlib
@@ -33,6 +34,7 @@ import hmac
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1259,6 +1261,8 @@ class Metrics:
                                                      "remembers (failing or blocked; bounded)."),
         "aibutler_queue_depth": ("gauge", "Async messages accepted and not yet answered."),
         "aibutler_deliveries_pending": ("gauge", "Callbacks waiting to be delivered."),
+        "aibutler_turns_running": ("gauge", "Turns under way ([agent] concurrency at most)."),
+        "aibutler_turns_waiting": ("gauge", "Turns waiting for a place at the model."),
     }
 
     def __init__(self):
@@ -2521,32 +2525,35 @@ STILL_RUNNING_RETRY_AFTER = 10  # ... when a repeat outwaited the first request 
 
 class TurnGate:
     """[agent] concurrency: at most that many turns at the model at once; the
-    others wait in arrival order, and a user's turn waits for the same user's
-    earlier turns. `pools` is per thread: the pool (with park() and unpark())
-    that the current thread belongs to, if any."""
+    others wait, and start in the order their messages arrived (an async job's
+    acceptance, a sync request's arrival); a user's turn also waits for the
+    same user's earlier ones. `pools` is per thread: the pool (with park() and
+    unpark()) that the current thread belongs to, if any."""
 
     def __init__(self, settings, remote):
         self.settings = settings
         self.remote = remote  # () -> True when turns wait on a model server
         self.pools = threading.local()
         self._lock = threading.Lock()
-        self._waiting = collections.deque()  # [user_id, Event, granted], arrival order
+        self._waiting = []  # [arrived, tiebreak, user_id, Event, granted], sorted
+        self._tiebreak = itertools.count()
         self._users = set()  # users with a turn in progress
         self.running = 0
 
     @contextlib.contextmanager
-    def turn(self, user_id, timeout=None, while_waiting=contextlib.nullcontext):
-        """Hold a place for one turn of user_id. A wait longer than timeout
-        raises 503 (only sync turns have a sender waiting); the wait happens
-        inside while_waiting()."""
+    def turn(self, user_id, arrived, timeout=None, while_waiting=contextlib.nullcontext):
+        """Hold a place for one turn of user_id, whose message arrived at
+        `arrived` (time.time()). A wait longer than timeout raises 503 (only
+        sync turns have a sender waiting); the wait happens inside
+        while_waiting()."""
         pool = getattr(self.pools, "pool", None)
         waiter = None
         with self._lock:
-            if self._may_start(user_id):
+            if self._may_start(user_id, arrived):
                 self._start(user_id)
             else:
-                waiter = [user_id, threading.Event(), False]
-                self._waiting.append(waiter)
+                waiter = [arrived, next(self._tiebreak), user_id, threading.Event(), False]
+                bisect.insort(self._waiting, waiter)
         parked = pool is not None and (waiter is not None or self.remote())
         if parked:
             pool.park()
@@ -2558,7 +2565,7 @@ class TurnGate:
         finally:
             if parked:
                 pool.unpark()
-            if waiter is None or waiter[2]:
+            if waiter is None or waiter[4]:
                 self._finish(user_id)
 
     def waiting(self):
@@ -2569,19 +2576,21 @@ class TurnGate:
         with self._lock:
             self._grant()
 
-    def _may_start(self, user_id):
-        return (self.running < self.settings.agent.concurrency and user_id not in self._users
-                and not any(waiter[0] == user_id for waiter in self._waiting))
+    def _may_start(self, user_id, arrived):
+        if self.running >= self.settings.agent.concurrency or user_id in self._users:
+            return False
+        # With room left, whoever waits is held back by a turn of their own user.
+        return not any(waiter[2] == user_id and waiter[0] <= arrived for waiter in self._waiting)
 
     def _start(self, user_id):
         self.running += 1
         self._users.add(user_id)
 
     def _wait(self, waiter, timeout):
-        if waiter[1].wait(timeout):
+        if waiter[3].wait(timeout):
             return
         with self._lock:
-            if waiter[2]:  # granted just as the wait ran out
+            if waiter[4]:  # granted just as the wait ran out
                 return
             self._waiting.remove(waiter)
             self._grant()  # a later turn of another user may go now
@@ -2596,20 +2605,20 @@ class TurnGate:
             self._grant()
 
     def _grant(self):
-        """Start waiting turns in arrival order while there is room; a user with
+        """Start waiting turns, earliest first, while there is room; a user with
         a turn in progress, or an earlier one waiting, keeps later ones waiting."""
         passed = set()
         for waiter in list(self._waiting):
             if self.running >= self.settings.agent.concurrency:
                 return
-            user_id = waiter[0]
+            user_id = waiter[2]
             if user_id in self._users or user_id in passed:
                 passed.add(user_id)
                 continue
             self._waiting.remove(waiter)
             self._start(user_id)
-            waiter[2] = True
-            waiter[1].set()
+            waiter[4] = True
+            waiter[3].set()
 
 
 class Inbox:
@@ -2630,6 +2639,7 @@ class Inbox:
 
     def run_sync(self, request, key=None):
         """Returns (status, body, replayed)."""
+        arrived = time.time()
         user_id = request["user_id"]
         if key:
             replay = self._claim_key(request, key)
@@ -2640,7 +2650,7 @@ class Inbox:
                                                     self.settings.sessions.idle_timeout)
             if session_id is None:
                 raise unknown_session()
-            with self.gate.turn(user_id, timeout=turn_time_limit(self.settings)):
+            with self.gate.turn(user_id, arrived, timeout=turn_time_limit(self.settings)):
                 result = self.agent.run_turn(request, session_id)
         except BaseException:
             if key:
@@ -2938,7 +2948,7 @@ class TurnWorkers(WorkerPool):
         body = {"session_id": job["session_id"], "in_reply_to": job["user_id"],
                 "message_id": job["message_id"]}
         try:
-            with self.gate.turn(job["user_id"], while_waiting=self.unwatched):
+            with self.gate.turn(job["user_id"], job["created"], while_waiting=self.unwatched):
                 result = self.agent.run_turn(request, job["session_id"], job["message_id"])
             body.update(reply=result["reply"], tool_calls=result["tool_calls"])
             if result.get("truncated"):
@@ -3551,6 +3561,8 @@ class Butler:
         metrics.gauge("aibutler_auth_tracked_addresses", self.auth.tracked_addresses)
         metrics.gauge("aibutler_deliveries_pending",
                       lambda: store.delivery_counts().get("pending", 0))
+        metrics.gauge("aibutler_turns_running", lambda: self.gate.running)
+        metrics.gauge("aibutler_turns_waiting", self.gate.waiting)
         self._started = False
 
     def app(self):
