@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 import argparse
 import ast
 import base64
+import bisect
 import collections
 import configparser
 import contextlib
@@ -33,6 +34,7 @@ import hmac
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1256,12 +1258,15 @@ class Metrics:
             self._counters[key] = self._counters.get(key, 0) + value
 
     def observe(self, name, labels, seconds):
+        """Counted in its own bucket only (render adds them up): one bisect, not
+        a loop over every bucket, on each request."""
         key = self._key(name, labels)
+        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds
         with self._lock:
-            counts = self._histograms.setdefault(key, [0] * (len(self.BUCKETS) + 2))
-            for i, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    counts[i] += 1
+            counts = self._histograms.get(key)
+            if counts is None:
+                counts = self._histograms[key] = [0] * (len(self.BUCKETS) + 3)
+            counts[bucket] += 1  # index len(BUCKETS): above the last bound
             counts[-2] += seconds
             counts[-1] += 1
 
@@ -1287,7 +1292,7 @@ class Metrics:
                 for (metric, labels), counts in sorted(histograms.items()):
                     if metric != name:
                         continue
-                    for bound, count in zip(self.BUCKETS, counts):
+                    for bound, count in zip(self.BUCKETS, itertools.accumulate(counts)):
                         lines.append(f"{name}_bucket{format_labels(labels + (('le', f'{bound:g}'),))} {count}")
                     lines.append(f"{name}_bucket{format_labels(labels + (('le', '+Inf'),))} {counts[-1]}")
                     lines.append(f"{name}_sum{format_labels(labels)} {counts[-2]:.6f}")
@@ -1606,12 +1611,20 @@ def loads_json(text):
     """json.loads without Python's NaN/Infinity extensions (nor numbers that
     overflow to them), which strict parsers, and so our senders and callback
     receivers, refuse."""
-    return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
+    if not isinstance(text, str) or text.startswith("\ufeff"):  # json.loads says what is wrong
+        return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
+    return STRICT_DECODER.decode(text)
 
 
 def strict_json(value):
     """Standard JSON text of value; ValueError for NaN or Infinity inside."""
-    return json.dumps(value, allow_nan=False)
+    return STRICT_ENCODER.encode(value)
+
+
+# Built once: json.loads and json.dumps with options build a new one on every call.
+STRICT_DECODER = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)
+STRICT_ENCODER = json.JSONEncoder(allow_nan=False)
+UNICODE_ENCODER = json.JSONEncoder(ensure_ascii=False)  # what falcon's answers use
 
 
 def tool_current_time(ctx, timezone=None):
@@ -2379,7 +2392,7 @@ def render_user_message(request):
     parts = [request["message"]]
     if request.get("metadata"):
         parts.append("Metadata from the sender's platform: "
-                     + json.dumps(request["metadata"], ensure_ascii=False))
+                     + UNICODE_ENCODER.encode(request["metadata"]))
     for item in request.get("attachments") or ():
         label = " ".join(x for x in (item.get("name"), f"({item['type']})"
                                      if item.get("type") else None) if x)
@@ -3319,6 +3332,10 @@ def create_app(settings, auth, limits, inbox, metrics, readiness, stopping):
     """The falcon app: each resource gets only the parts it uses."""
     load_web_stack()
     app = falcon.App(middleware=[RequestLog(metrics)])
+    # falcon's default handler makes a JSON encoder for every answer; the same
+    # text (ensure_ascii=False) from one made once.
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
+        dumps=UNICODE_ENCODER.encode)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_falcon_error)
     app.add_error_handler(Exception, handle_unexpected)
