@@ -971,10 +971,9 @@ class Store:
     def record_exchange(self, session_id, user_text, reply, max_history):
         """The user's message and the reply, then the session trimmed to its newest
         max_history messages (a trigger touches the session). On the hot path of
-        every turn: two statements, no more."""
+        every turn: two statements in one transaction, no more."""
         now = self.clock()
-        db = self.conn()
-        with self._writer():
+        with self.transaction() as db:  # one commit: its WAL frames and locks once
             db.execute("INSERT INTO messages (session_id, role, content, created) "
                        "VALUES (?,'user',?,?), (?,'assistant',?,?)",
                        (session_id, user_text, now, session_id, reply, now))
