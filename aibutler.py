@@ -799,19 +799,18 @@ def storage_problem(exc):
 class Store:
     """Everything that must survive a restart, in one sqlite file (WAL mode).
 
-    Each operation borrows a connection and gives it back (IDLE_KEPT at most
-    are kept open): threads come and go with the load (TurnGate), and 50
-    threads waiting on a model need no connection, nor its page cache. Write
-    transactions are BEGIN IMMEDIATE, so claiming a job or a delivery is atomic
-    across threads and processes (the `deliveries` CLI edits the same file while
-    the daemon runs)."""
-
-    IDLE_KEPT = 8
+    One connection, used by one thread at a time: each operation holds it for
+    a few statements. Threads come and go with the load (TurnGate) and need no
+    connection of their own, and no page cache goes stale because another
+    connection wrote. Write transactions are BEGIN IMMEDIATE, so claiming a job
+    or a delivery is atomic across processes too (the `deliveries` CLI edits the
+    same file while the daemon runs)."""
 
     def __init__(self, path, clock=time.time, fsync=os.fsync):
         self.path = path
         self.clock = clock
-        self._idle = []  # connections not borrowed now
+        self._db = None
+        self._db_lock = threading.RLock()  # a transaction's body may read through it
         # One writer at a time inside this process: threads queue on a lock
         # instead of sleeping in sqlite's busy handler (which costs milliseconds).
         self._write_lock = threading.Lock()
@@ -825,6 +824,10 @@ class Store:
         self._synced = threading.Condition()  # group commit, see _sync_through
         self._committed = self._on_disk = 0   # commits made / known to be on disk
         self._syncing = False
+        # While a durable commit waits for a slow disk its thread is parked (as at
+        # the TurnGate: Butler sets `parked`), so more accepts join the next fsync.
+        self.slow_disk = False
+        self.parked = contextlib.nullcontext
         try:
             with self.connection() as db:
                 db.executescript(SCHEMA)
@@ -835,19 +838,17 @@ class Store:
                                "aside to start with an empty one)") from None
 
     BUSY_TIMEOUT_MS = 10000  # how long a write waits for another process (the CLI)
+    SLOW_FSYNC = 0.002  # seconds: an fsync slower than this is a slow disk (SD card)
 
     @contextlib.contextmanager
     def connection(self):
-        """A connection for one operation. Its commits survive a killed process;
-        a power cut only once the WAL is synced (durable transactions wait for it)."""
-        try:
-            db = self._idle.pop()
-        except IndexError:
-            db = self._connect()
-        try:
-            yield db
-        finally:
-            self._give_back(db)
+        """The connection, for one operation. Its commits survive a killed
+        process; a power cut only once the WAL is synced (durable transactions
+        wait for it)."""
+        with self._db_lock:
+            if self._db is None:
+                self._db = self._connect()
+            yield self._db
 
     def _read(self, sql, params=()):
         with self.connection() as db:
@@ -865,12 +866,6 @@ class Store:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
         return db
-
-    def _give_back(self, db):
-        if len(self._idle) < self.IDLE_KEPT and not db.in_transaction and self._wal is not None:
-            self._idle.append(db)
-        else:
-            db.close()
 
     @contextlib.contextmanager
     def transaction(self, durable=False):
@@ -900,7 +895,7 @@ class Store:
         it: one fsync per durable commit on a fast disk, one for all the commits
         made during the last when it takes milliseconds (an SD card), and writers
         never wait for the disk while holding the write lock."""
-        with self._synced:
+        with self.parked() if self.slow_disk else contextlib.nullcontext(), self._synced:
             while self._on_disk < commit:
                 if self._syncing:
                     self._synced.wait()
@@ -910,7 +905,9 @@ class Store:
                 try:
                     if self._wal is None:
                         raise sqlite3.ProgrammingError("the store is closed")
+                    started = time.monotonic()
                     self._fsync(self._wal)
+                    self.slow_disk = time.monotonic() - started > self.SLOW_FSYNC
                 except OSError as exc:  # a 503 like any failed write, and /readyz says so
                     self.write_error = storage_problem(exc)
                     raise sqlite3.OperationalError(f"disk I/O error: {exc}") from None
@@ -943,9 +940,11 @@ class Store:
         return self.write_error is None
 
     def close(self):
-        """The connections kept open, and the WAL's descriptor."""
-        while self._idle:
-            self._idle.pop().close()
+        """The connection, and the WAL's descriptor."""
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         if self._wal is not None:
             os.close(self._wal)
             self._wal = None
@@ -2557,7 +2556,6 @@ class TurnGate:
         `arrived` (time.time()). A wait longer than timeout raises 503 (only
         sync turns have a sender waiting); the wait happens inside
         while_waiting()."""
-        pool = getattr(self.pools, "pool", None)
         waiter = None
         with self._lock:
             if self._may_start(user_id, arrived):
@@ -2565,19 +2563,28 @@ class TurnGate:
             else:
                 waiter = [arrived, next(self._tiebreak), user_id, threading.Event(), False]
                 bisect.insort(self._waiting, waiter)
-        parked = pool is not None and (waiter is not None or self.remote())
-        if parked:
-            pool.park()
         try:
-            if waiter is not None:
-                with while_waiting():
-                    self._wait(waiter, timeout)
-            yield
+            with self.parked() if waiter is not None or self.remote() else contextlib.nullcontext():
+                if waiter is not None:
+                    with while_waiting():
+                        self._wait(waiter, timeout)
+                yield
         finally:
-            if parked:
-                pool.unpark()
             if waiter is None or waiter[4]:
                 self._finish(user_id)
+
+    @contextlib.contextmanager
+    def parked(self):
+        """The current thread waits on something slow: its pool may start a spare."""
+        pool = getattr(self.pools, "pool", None)
+        if pool is None:
+            yield
+            return
+        pool.park()
+        try:
+            yield
+        finally:
+            pool.unpark()
 
     def waiting(self):
         return len(self._waiting)
@@ -3575,6 +3582,7 @@ class Butler:
         self.agent = Agent(build_model(settings.agent, vault), self.tools, store, settings,
                            metrics)
         self.gate = TurnGate(settings, lambda: isinstance(self.agent.model, HTTPModel))
+        store.parked = self.gate.parked
         self.workers = TurnWorkers(settings, store, self.agent, self.gate, self.dispatcher)
         self.inbox = Inbox(settings, store, self.agent, self.gate, self.workers)
         self.auth = Authenticator(settings, vault, store, metrics)
@@ -3925,6 +3933,7 @@ class Daemon:
             if now >= next_sweep:
                 next_sweep = now + ConnectionGuard.SWEEP_EVERY
                 self.guard.sweep(now)
+                self.request_threads.shrink()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self._reload()
@@ -3956,32 +3965,67 @@ class Daemon:
 
 class RequestThreads:
     """waitress's request threads: [server] threads of them free for requests,
-    plus one more for each thread parked at the turn gate or on a model server
-    (TurnGate), started when it parks and ended when it is back."""
+    plus one more for each thread parked (at the turn gate, on a model server,
+    on a slow disk), started when it parks. Spares end when the most needed
+    during the last SHRINK_AFTER seconds is less than there are, so a steady
+    load does not start and end a thread per request."""
 
-    def __init__(self, dispatcher, free):
+    SHRINK_AFTER = 5.0  # seconds
+
+    def __init__(self, dispatcher, free, clock=time.monotonic):
         self.dispatcher = dispatcher  # waitress's ThreadedTaskDispatcher
         self.free = free
+        self.clock = clock
         self.parked = 0
+        self.size = free
+        self._peak = free  # the most needed since _since
+        self._since = clock()
         self._lock = threading.Lock()
         self._closed = False
 
     def park(self):
-        self._resize(+1)
+        with self._lock:
+            self.parked += 1
+            self._peak = max(self._peak, self.free + self.parked)
+            if self._peak > self.size and not self._closed:
+                self.size = self._peak
+                self.dispatcher.set_thread_count(self.size)
 
     def unpark(self):
-        self._resize(-1)
+        with self._lock:
+            self.parked -= 1
+
+    def shrink(self):
+        """Called now and then (waitress's loop thread): end spares not needed lately."""
+        with self._lock:
+            if self.clock() - self._since < self.SHRINK_AFTER:
+                return
+            if self._peak < self.size and not self._closed:
+                self.size = self._peak
+                self.dispatcher.set_thread_count(self.size)
+            self._peak, self._since = self.free + self.parked, self.clock()
 
     def close(self):
         """Stopping: waitress's shutdown sets the thread count from now on."""
         with self._lock:
             self._closed = True
 
-    def _resize(self, change):
-        with self._lock:
-            self.parked += change
-            if not self._closed:
-                self.dispatcher.set_thread_count(self.free + self.parked)
+
+def quiet_channel_class(channel_class):
+    """waitress's channel, minus a busy loop: while a request thread holds a
+    connection's output lock (writing its answer), waitress's loop keeps
+    asking to write, finds the lock taken, and polls again at once, and again,
+    taking the GIL from the very thread it waits for. The thread wakes the loop
+    when it leaves output behind (waitress pulls its trigger), so the loop need
+    not ask meanwhile."""
+    class QuietChannel(channel_class):
+        def writable(self):
+            if self.requests and self.total_outbufs_len and not self.will_close:
+                if not self.outbuf_lock.acquire(blocking=False):
+                    return False
+                self.outbuf_lock.release()
+            return super().writable()
+    return QuietChannel
 
 
 class ConnectionGuard:
@@ -4000,7 +4044,7 @@ class ConnectionGuard:
     def __init__(self, server, settings):
         self.server = server
         self.settings = settings  # () -> the [server] section in force
-        self._channel_class = server.channel_class
+        self._channel_class = quiet_channel_class(server.channel_class)
         server.channel_class = self.admit  # waitress calls it for each accepted socket
         self._seen = {}  # channel -> (its request parser, when first seen unfinished)
         self._warned = {}  # kind of trouble -> when it was last logged

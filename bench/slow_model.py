@@ -48,7 +48,7 @@ PROBE_ADDRESS = "127.0.9.1"
 USER_TIMEOUT = 120.0   # seconds a sync user waits for its reply
 CALLBACK_TIMEOUT = 180.0  # seconds after the burst that async callbacks are awaited
 WAITING_WINDOW = 10.0  # seconds the many-waiting run is watched
-AFTER_SECONDS = 12.0   # when memory is read again after a run (the daemon trims every 10 s)
+AFTER_SECONDS = 20.0   # when memory is read again after a run (spares end after 5 s, trim every 10 s)
 QUIET_BEFORE = 1.0     # seconds of probes before the burst
 
 
