@@ -2982,6 +2982,7 @@ class TurnWorkers(WorkerPool):
                                             "has the details")
         self.store.finish_job(job, body)
         self.dispatcher.notify()
+        self.notify()  # this user's next message, if any, may start now
 
 
 def attempt_error(exc):
