@@ -389,6 +389,8 @@ CONFIG_SCHEMA = {
         "sign": ("true", parse_bool),
         "callback_timeout": ("15s", parse_positive_duration),
         "previous_secret_grace": ("24h", parse_duration),
+        "reply_wait": ("0", parse_duration),
+        "max_wait": ("25s", parse_duration),
     },
     "agent": {
         "provider": ("builtin", parse_choice("builtin", "openai", "anthropic")),
@@ -831,11 +833,24 @@ class Store:
         try:
             with self.connection() as db:
                 db.executescript(SCHEMA)
+                self._add_missing_columns(db)
             self._pending = self._count_pending()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise DataDirError(f"{path}: cannot use the database: {exc} (move the file "
                                "aside to start with an empty one)") from None
+
+    # Columns added since the first release: a file made by an older version
+    # gets them at start (sqlite's ALTER TABLE ADD COLUMN is instant).
+    ADDED_COLUMNS = {"jobs": {"result": "TEXT", "channel": "TEXT NOT NULL DEFAULT 'webhook'"}}
+
+    @staticmethod
+    def _add_missing_columns(db):
+        for table, columns in Store.ADDED_COLUMNS.items():
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     BUSY_TIMEOUT_MS = 10000  # how long a write waits for another process (the CLI)
     SLOW_FSYNC = 0.002  # seconds: an fsync slower than this is a slow disk (SD card)
@@ -1096,10 +1111,10 @@ class Store:
 
     # --- the async queue: jobs in, deliveries out -------------------------------
 
-    def add_job(self, db, message_id, user_id, session_id, request):
-        db.execute("INSERT INTO jobs (message_id, user_id, session_id, request, state, created) "
-                   "VALUES (?,?,?,?,'queued',?)",
-                   (message_id, user_id, session_id, json.dumps(request), self.clock()))
+    def add_job(self, db, message_id, user_id, session_id, request, channel="webhook"):
+        db.execute("INSERT INTO jobs (message_id, user_id, session_id, request, state, created, "
+                   "channel) VALUES (?,?,?,?,'queued',?,?)",
+                   (message_id, user_id, session_id, json.dumps(request), self.clock(), channel))
         self._pending_change += 1
 
     def pending_jobs(self):
@@ -1122,14 +1137,25 @@ class Store:
                 hold(row["seq"])
             return row
 
-    def finish_job(self, job, body):
-        """The turn is over: mark the job done and put its callback in the outbox,
-        in one transaction, so a crash between the two cannot lose or repeat it."""
+    def finish_job(self, job, body, deliver):
+        """The turn is over: keep its result (for GET .../messages/{id}) and, if
+        it is to be delivered, put it in the outbox, in one transaction, so a
+        crash between the two cannot lose or repeat it."""
         now = self.clock()
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET state='done', finished=? WHERE seq=?", (now, job["seq"]))
-            self.add_delivery(db, job["message_id"], job["user_id"], body)
+            db.execute("UPDATE jobs SET state='done', finished=?, result=? WHERE seq=?",
+                       (now, json.dumps(body), job["seq"]))
+            if deliver:
+                self.add_delivery(db, job["message_id"], job["user_id"], body)
             self._pending_change -= 1
+
+    def message(self, message_id):
+        """A message's job and its delivery (either may be None)."""
+        with self.connection() as db:
+            job = db.execute("SELECT * FROM jobs WHERE message_id=?", (message_id,)).fetchone()
+            delivery = db.execute("SELECT * FROM deliveries WHERE message_id=?",
+                                  (message_id,)).fetchone()
+        return job, delivery
 
     def add_delivery(self, db, message_id, user_id, body):
         db.execute("INSERT INTO deliveries (message_id, user_id, body, state, next_attempt, created) "
@@ -1236,7 +1262,9 @@ class Store:
             self.trim_history(db, max_history)
             db.execute("DELETE FROM idempotency WHERE state='done' AND created < ?",
                        (now - idempotency_ttl,))
-            db.execute("DELETE FROM jobs WHERE state='done' AND finished < ?", (now - keep_done,))
+            # a message's result is kept as long as its idempotency key
+            db.execute("DELETE FROM jobs WHERE state='done' AND finished < ?",
+                       (now - idempotency_ttl,))
             db.execute("DELETE FROM deliveries WHERE state='delivered' AND finished < ?",
                        (now - keep_done,))
 
@@ -2639,6 +2667,67 @@ class TurnGate:
             waiter[3].set()
 
 
+class Handover:
+    """Senders waiting inside their HTTP request for a message's result
+    (Prefer: wait, Twilio's reply_wait) and pollers waiting for it to be done
+    (GET .../messages/{id}?wait=N). A turn worker stores the result under the
+    same lock as it hands it over: a reply that went out in a 200 is never also
+    sent as a callback, and one whose sender stopped waiting always is."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._takers = {}  # message_id -> [] until the result is put in it
+        self._finished = 0  # results stored so far (pollers wait for a change)
+
+    def expect(self, message_id):
+        """Before the message is committed: its result will be waited for."""
+        with self._changed:
+            self._takers[message_id] = []
+
+    def take(self, message_id, seconds):
+        """The result of an expected message if it comes within `seconds`, else
+        None (and from then on it goes where it would have gone anyway)."""
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            slot = self._takers.get(message_id)
+            while slot is not None and not slot:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            self._takers.pop(message_id, None)
+            return slot[0] if slot else None
+
+    def forget(self, message_id):
+        with self._changed:
+            self._takers.pop(message_id, None)
+
+    def finish(self, message_id, body, store):
+        """store(taken) keeps the result, with its delivery unless a sender took it."""
+        with self._changed:
+            slot = self._takers.pop(message_id, None)
+            store(slot is not None)
+            if slot is not None:
+                slot.append(body)
+            self._finished += 1
+            self._changed.notify_all()
+
+    def watch(self, done, seconds):
+        """Wait until done() (a look at the store) or `seconds` pass."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._changed:
+                seen = self._finished
+            if done():
+                return True
+            with self._changed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if self._finished == seen:
+                    self._changed.wait(left)
+
+
 class Inbox:
     """Where a valid message goes: a turn run now (sync) or a job committed to
     sqlite before 202 is answered (async). A repeated Idempotency-Key (or
@@ -2647,12 +2736,13 @@ class Inbox:
 
     RECHECK_EVERY = 0.5  # seconds between looks at a repeat's first request, at most
 
-    def __init__(self, settings, store, agent, gate, workers):
+    def __init__(self, settings, store, agent, gate, workers, handover):
         self.settings = settings
         self.store = store
         self.agent = agent
         self.gate = gate
         self.workers = workers
+        self.handover = handover
         self._finished = threading.Condition()
 
     def run_sync(self, request, key=None):
@@ -2681,32 +2771,49 @@ class Inbox:
             self._announce()
         return 200, result, False
 
-    def accept(self, request, key=None):
-        """Commit the message durably, then answer 202. Returns (status, body, replayed)."""
+    def accept(self, request, key=None, wait=0, channel="webhook", status_path=None):
+        """Commit the message durably; answer 202, or with wait > 0 the turn's
+        result (200, or its error) if it is done within `wait` seconds. Returns
+        (status, body, replayed)."""
         user_id = request["user_id"]
         delivery = self.settings.delivery
-        with self.store.transaction(durable=True) as db:
-            if key:
-                state, row = self.store.idempotency_begin(db, user_id, key,
-                                                          request_fingerprint(request),
-                                                          delivery.idempotency_ttl)
-                if state == "mismatch":
-                    raise key_reused()
-                if state != "new":
-                    return row["status"], json.loads(row["response"]), True
-            if self.store.pending_jobs() >= delivery.max_pending:
-                raise ApiError(503, f"the queue is full ({delivery.max_pending} messages "
-                                    "waiting); try again later", retry_after=QUEUE_FULL_RETRY_AFTER)
-            session_id = self.store.resolve_session(user_id, request.get("session_id"),
-                                                    self.settings.sessions.idle_timeout, db)
-            if session_id is None:
-                raise unknown_session()
-            message_id = new_id("msg")
-            self.store.add_job(db, message_id, user_id, session_id, request)
-            body = {"status": "accepted", "session_id": session_id, "message_id": message_id}
-            if key:
-                self.store.idempotency_finish(db, user_id, key, 202, body)
+        message_id = new_id("msg")
+        if wait > 0:
+            self.handover.expect(message_id)
+        try:
+            with self.store.transaction(durable=True) as db:
+                if key:
+                    state, row = self.store.idempotency_begin(db, user_id, key,
+                                                              request_fingerprint(request),
+                                                              delivery.idempotency_ttl)
+                    if state == "mismatch":
+                        raise key_reused()
+                    if state != "new":
+                        self.handover.forget(message_id)
+                        return row["status"], json.loads(row["response"]), True
+                if self.store.pending_jobs() >= delivery.max_pending:
+                    raise ApiError(503, f"the queue is full ({delivery.max_pending} messages "
+                                        "waiting); try again later",
+                                   retry_after=QUEUE_FULL_RETRY_AFTER)
+                session_id = self.store.resolve_session(user_id, request.get("session_id"),
+                                                        self.settings.sessions.idle_timeout, db)
+                if session_id is None:
+                    raise unknown_session()
+                self.store.add_job(db, message_id, user_id, session_id, request, channel)
+                body = {"status": "accepted", "session_id": session_id, "message_id": message_id}
+                if status_path:
+                    body["status_url"] = status_path(message_id)
+                if key:
+                    self.store.idempotency_finish(db, user_id, key, 202, body)
+        except BaseException:
+            self.handover.forget(message_id)
+            raise
         self.workers.notify()
+        if wait > 0:
+            with self.gate.parked():
+                result = self.handover.take(message_id, wait)
+            if result is not None:
+                return result_answer(result) + (False,)
         return 202, body, False
 
     def _claim_key(self, request, key):
@@ -2735,6 +2842,15 @@ class Inbox:
     def _announce(self):
         with self._finished:
             self._finished.notify_all()
+
+
+def result_answer(result):
+    """(status, body) of a finished turn as a sync request answers it."""
+    if "error" in result:
+        return result["error"]["status"], result["error"]
+    body = {key: result[key] for key in ("reply", "session_id", "tool_calls", "truncated",
+                                         "message_id") if key in result}
+    return 200, body
 
 
 def unknown_session():
@@ -2946,11 +3062,13 @@ class TurnWorkers(WorkerPool):
     """Run queued async turns, one user's messages in arrival order, and put
     each reply (or error) in the outbox for the dispatcher."""
 
-    def __init__(self, settings, store, agent, gate, dispatcher):
+    def __init__(self, settings, store, agent, gate, dispatcher, handover):
         # Up to [agent] concurrency turns at the model, and `workers` free threads.
         count = settings.delivery.workers
         super().__init__("turn-worker", count,
                          most=lambda: count + settings.agent.concurrency)
+        self.settings = settings
+        self.handover = handover
         self.store = store
         self.agent = agent
         self.gate = gate
@@ -2960,6 +3078,11 @@ class TurnWorkers(WorkerPool):
     def _loop(self):
         self.gate.pools.pool = self
         super()._loop()
+
+    def delivered(self, job):
+        """Whether a job's result goes out as a callback (else it is only kept,
+        for GET .../messages/{id})."""
+        return self.settings.async_mode
 
     def handle(self, job):
         request = json.loads(job["request"])
@@ -2980,7 +3103,9 @@ class TurnWorkers(WorkerPool):
             log.exception("turn %s failed unexpectedly", job["message_id"])
             body["error"] = error_dict(500, "the agent failed unexpectedly; the daemon's log "
                                             "has the details")
-        self.store.finish_job(job, body)
+        deliver = self.delivered(job)
+        self.handover.finish(job["message_id"], body,
+                             lambda taken: self.store.finish_job(job, body, deliver and not taken))
         self.dispatcher.notify()
         self.notify()  # this user's next message, if any, may start now
 
@@ -3439,14 +3564,101 @@ class WebhookResource:
         if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
             raise ApiError(422, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} "
                                 "characters", field="Idempotency-Key")
-        if self.settings.async_mode:
-            status, body, replayed = self.inbox.accept(request, key)
+        webhook = self.settings.webhook
+        respond_async, wait = parse_prefer(req.get_header("Prefer"))
+        applied = []
+        if wait is not None:
+            wait = min(wait, webhook.max_wait)
+            applied.append(f"wait={wait:g}")
+        elif not respond_async:
+            wait = min(webhook.reply_wait, webhook.max_wait)
+        else:
+            wait = 0
+        if respond_async or wait or self.settings.async_mode:
+            status, body, replayed = self.inbox.accept(request, key, wait=wait,
+                                                       status_path=self.status_path)
         else:
             status, body, replayed = self.inbox.run_sync(request, key)
         resp.status = status
         resp.media = body
+        if status == 202 and "message_id" in body:
+            resp.set_header("Location", self.status_path(body["message_id"]))
+            if respond_async:
+                applied.insert(0, "respond-async")
+        if applied:
+            resp.set_header("Preference-Applied", ", ".join(applied))
         if replayed:
             resp.set_header("Idempotent-Replayed", "true")
+
+    def status_path(self, message_id):
+        return f"{self.settings.webhook.path}/messages/{message_id}"
+
+
+def parse_prefer(header):
+    """RFC 7240's Prefer header: (respond_async, wait seconds or None). A
+    preference that is unknown or malformed is ignored, as the RFC asks."""
+    respond_async, wait = False, None
+    for preference in (header or "").split(","):
+        name, _, value = preference.split(";")[0].strip().partition("=")
+        name, value = name.strip().lower(), value.strip().strip('"')
+        if name == "respond-async" and not value:
+            respond_async = True
+        elif name == "wait" and re.fullmatch(r"[0-9]{1,9}", value):
+            wait = int(value)
+    return respond_async, wait
+
+
+class MessageResource:
+    """GET {path}/messages/{message_id}: where an accepted message stands, its
+    reply once done, and its callback's delivery. ?wait=N answers as soon as it
+    is done, or after N seconds (at most [channels.webhook] max_wait)."""
+
+    def __init__(self, settings, auth, store, handover, gate):
+        self.settings = settings
+        self.auth = auth
+        self.store = store
+        self.handover = handover
+        self.gate = gate
+
+    def on_get(self, req, resp, message_id):
+        if self.auth.check(req) == "signature":
+            self.auth.verify_signature(req, b"")
+        wait = req.get_param("wait")
+        if wait is not None:
+            if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,6})?", wait):
+                raise ApiError(422, "wait must be a number of seconds, like 20", field="wait")
+            wait = min(float(wait), self.settings.webhook.max_wait)
+        job, delivery = self.store.message(message_id)
+        if job is None:
+            raise ApiError(404, f"no message {message_id!r}: unknown, or its result was "
+                                "pruned ([delivery] idempotency_ttl)")
+        if wait and job["state"] != "done":
+            with self.gate.parked():
+                self.handover.watch(lambda: self.store.message(message_id)[0]["state"] == "done",
+                                    wait)
+            job, delivery = self.store.message(message_id)
+        resp.media = message_status(job, delivery)
+
+
+def message_status(job, delivery):
+    """The status resource's body."""
+    body = {"message_id": job["message_id"], "session_id": job["session_id"],
+            "user_id": job["user_id"], "status": job["state"],
+            "created_at": iso_utc(job["created"])}
+    if job["state"] == "done":
+        result = json.loads(job["result"] or "{}")
+        body["status"] = "failed" if "error" in result else "done"
+        body["finished_at"] = iso_utc(job["finished"])
+        body.update((key, result[key]) for key in ("reply", "tool_calls", "truncated", "error")
+                    if key in result)
+    if delivery is not None:
+        state = {"sending": "pending"}.get(delivery["state"], delivery["state"])
+        body["delivery"] = {"status": state, "attempts": delivery["attempts"]}
+        if delivery["last_error"]:
+            body["delivery"]["last_error"] = delivery["last_error"]
+        if state == "pending":
+            body["delivery"]["next_attempt_at"] = iso_utc(delivery["next_attempt"])
+    return body
 
 
 class HealthResource:
@@ -3543,7 +3755,8 @@ def handle_unexpected(req, resp, exc, params):
     write_error(resp, 500, "internal error; the daemon's log has the details")
 
 
-def create_app(settings, auth, limits, inbox, metrics, readiness, stopping):
+def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, store, handover,
+               gate):
     """The falcon app: each resource gets only the parts it uses."""
     load_web_stack()
     app = falcon.App(middleware=[RequestLog(metrics)])
@@ -3559,6 +3772,8 @@ def create_app(settings, auth, limits, inbox, metrics, readiness, stopping):
     if settings.webhook_enabled:
         app.add_route(settings.webhook.path,
                       WebhookResource(settings, auth, limits, inbox, stopping))
+        app.add_route(settings.webhook.path + "/messages/{message_id}",
+                      MessageResource(settings, auth, store, handover, gate))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(readiness))
     app.add_route("/metrics", MetricsResource(settings, auth, metrics))
@@ -3584,8 +3799,10 @@ class Butler:
                            metrics)
         self.gate = TurnGate(settings, lambda: isinstance(self.agent.model, HTTPModel))
         store.parked = self.gate.parked
-        self.workers = TurnWorkers(settings, store, self.agent, self.gate, self.dispatcher)
-        self.inbox = Inbox(settings, store, self.agent, self.gate, self.workers)
+        self.handover = Handover()
+        self.workers = TurnWorkers(settings, store, self.agent, self.gate, self.dispatcher,
+                                   self.handover)
+        self.inbox = Inbox(settings, store, self.agent, self.gate, self.workers, self.handover)
         self.auth = Authenticator(settings, vault, store, metrics)
         self.limits = Limits(settings, metrics)
         metrics.gauge("aibutler_queue_depth", store.pending_jobs)
@@ -3598,7 +3815,7 @@ class Butler:
 
     def app(self):
         return create_app(self.settings, self.auth, self.limits, self.inbox, self.metrics,
-                          self.readiness, self.stopping)
+                          self.readiness, self.stopping, self.store, self.handover, self.gate)
 
     def start(self):
         jobs, sends = self.store.recover()
