@@ -4130,8 +4130,9 @@ class Daemon:
         probe is answered by the loop thread right after this poll (_poll):
         probes never wait for a request thread, even when all of them are busy."""
         request = channel.requests[0]
-        if (request.path in self.PROBES and request.command in ("GET", "HEAD")
-                and not request.error and threading.current_thread() is self._loop_thread):
+        if (not request.error and request.path in self.PROBES  # no path when it failed to parse
+                and request.command in ("GET", "HEAD")
+                and threading.current_thread() is self._loop_thread):
             self._probes.append(channel)
         else:
             self._dispatch(channel)
