@@ -3560,7 +3560,9 @@ class WebhookResource:
             self.auth.verify_signature(req, raw)
         request = validate_message(parse_body(raw))
         self.limits.check(request["user_id"])
-        key = req.get_header("Idempotency-Key") or req.get_header("webhook-id")
+        key = req.get_header("Idempotency-Key")
+        if key is None:  # an empty key is a 422, not a request without one
+            key = req.get_header("webhook-id")
         if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
             raise ApiError(422, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} "
                                 "characters", field="Idempotency-Key")
