@@ -2854,7 +2854,8 @@ def result_answer(result):
 
 
 def unknown_session():
-    return ApiError(422, "session_id does not name a session of this user_id; leave it out "
+    """404, as for any id that names nothing: the message itself was valid."""
+    return ApiError(404, "session_id does not name a session of this user_id; leave it out "
                          "to continue the current session", field="session_id")
 
 

@@ -118,11 +118,14 @@ def test_invalid_messages_are_422_naming_the_field(app_for):
         ({"user_id": "u", "message": "hi", "attachments": {}}, "attachments"),
         ({"user_id": "u", "message": "hi", "attachments": [{"url": "file:///etc/passwd"}]},
          "attachments[0].url"),
-        ({"user_id": "u", "message": "hi", "session_id": "sess-nope"}, "session_id"),
     ]
     for body, field in cases:
         error = error_of(post(client, body=body), 422)
         assert error.get("field") == field, (body, error)
+    # a valid message whose session_id names nothing
+    error = error_of(post(client, body={"user_id": "u", "message": "hi",
+                                        "session_id": "sess-nope"}), 404)
+    assert error["field"] == "session_id"
     # user_id of exactly 256 characters is fine
     assert post(client, body={"user_id": "u" * 256, "message": "hi"}).status_code == 200
 
@@ -136,7 +139,7 @@ def test_sessions_are_reused_per_user_and_continued_by_id(app_for):
     cont = post(client, body={"user_id": "a", "message": "hi", "session_id": first})
     assert cont.json["session_id"] == first
     # another user's session id is not theirs to continue
-    error_of(post(client, body={"user_id": "b", "message": "hi", "session_id": first}), 422)
+    error_of(post(client, body={"user_id": "b", "message": "hi", "session_id": first}), 404)
 
 
 def test_idle_session_starts_a_new_one(app_for, store):
