@@ -550,7 +550,7 @@ def load_config(explicit=None, env=None, data_dir=None):
     return config
 
 
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")  # routes create_app adds itself
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")  # create_app adds them
 
 
 def one_line(exc):
@@ -3458,6 +3458,15 @@ def validate_message(data):
     return request
 
 
+# An attachment's URL: http(s), a registered name or IPv4 host (no user info, no
+# IPv6 literal), a port that fits in 16 bits, then anything but space and controls.
+# Spelled out so that /openapi.json can publish the very rule (is_http_url's
+# urllib accepts more: leading blanks, tabs, any port).
+ATTACHMENT_URL_PATTERN = (r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~%!$&'()*+,;=-]+"
+                          r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}"
+                          r"|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][^\x00-\x20\x7f]*)?$")
+
+
 def validate_attachments(attachments):
     if not isinstance(attachments, list) or len(attachments) > ATTACHMENTS_MAX:
         raise ApiError(422, f"attachments must be a list of at most {ATTACHMENTS_MAX} "
@@ -3467,9 +3476,10 @@ def validate_attachments(attachments):
         field = f"attachments[{i}]"
         if not isinstance(item, dict):
             raise ApiError(422, f"{field} must be an object {{url, type?, name?}}", field=field)
-        if not is_http_url(item.get("url")):
+        url = item.get("url")
+        if not (isinstance(url, str) and re.fullmatch(ATTACHMENT_URL_PATTERN, url)
+                and is_http_url(url)):
             raise ApiError(422, f"{field}.url must be an http(s) URL", field=field + ".url")
-        url = item["url"]
         entry = {"url": url}
         for key in ("type", "name"):
             if item.get(key) is not None:
@@ -3611,6 +3621,9 @@ def parse_prefer(header):
     return respond_async, wait
 
 
+WAIT_PATTERN = r"[0-9]{1,9}(\.[0-9]{1,6})?"  # ?wait=: seconds, as on a stopwatch
+
+
 class MessageResource:
     """GET {path}/messages/{message_id}: where an accepted message stands, its
     reply once done, and its callback's delivery. ?wait=N answers as soon as it
@@ -3628,7 +3641,7 @@ class MessageResource:
             self.auth.verify_signature(req, b"")
         wait = req.get_param("wait")
         if wait is not None:
-            if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,6})?", wait):
+            if not re.fullmatch(WAIT_PATTERN, wait):
                 raise ApiError(422, "wait must be a number of seconds, like 20", field="wait")
             wait = min(float(wait), self.settings.webhook.max_wait)
         job, delivery = self.store.message(message_id)
@@ -3758,6 +3771,232 @@ def handle_unexpected(req, resp, exc, params):
     write_error(resp, 500, "internal error; the daemon's log has the details")
 
 
+# --- /openapi.json: the contract, built from the constants the handlers check with
+
+NOT_BLANK = r"\S"  # user_id and message: str.strip() leaves something
+ERROR_MEANINGS = {
+    400: "the body is not JSON (empty, not UTF-8, malformed or nested too deeply)",
+    401: "missing or wrong X-Aibutler-Secret, or a bad Standard Webhooks signature",
+    404: "no such message (unknown, or pruned after [delivery] idempotency_ttl), or "
+         "session_id names no session of this user_id",
+    409: "a request with this Idempotency-Key is still being processed (Retry-After)",
+    413: "the body is larger than [server] max_body_bytes",
+    415: "the Content-Type is not application/json (or application/*+json)",
+    422: "a field is missing or invalid (`field` names it), or the Idempotency-Key was "
+         "used for a different body",
+    429: "a rate limit ([limits]) was reached, or this address failed to authenticate "
+         "too often (Retry-After)",
+    500: "a bug; the daemon's log has the traceback",
+    502: "the model server failed or answered something unusable",
+    503: "shutting down, queue full ([delivery] max_pending), the model busy, or the "
+         "database not writable (Retry-After)",
+    504: "the model did not answer within [agent] timeout",
+}
+RETRY_AFTER_STATUSES = (409, 429, 503)
+
+
+def openapi_document(settings):
+    """The OpenAPI 3.1 description of the routes create_app adds with this
+    config: every status each can answer, in the one error shape, and the
+    callback. Limits come from the same constants the handlers use, so the
+    document cannot drift from them; tests/test_openapi.py and the fuzzer run
+    in .ci/run hold the handlers to it."""
+    webhook = settings.webhook
+    ref = lambda kind, name: {"$ref": f"#/components/{kind}/{name}"}  # noqa: E731
+    string = {"type": "string"}
+    nullable = lambda schema: dict(schema, type=[schema["type"], "null"])  # noqa: E731
+
+    def answer(description, schema, headers=None, media="application/json"):
+        return {"description": description, "content": {media: {"schema": schema}},
+                **({"headers": headers} if headers else {})}
+
+    def responses(ok, *errors):
+        listed = {str(code): ref("responses", str(code)) for code in (500,) + errors}
+        return dict(ok, **dict(sorted(listed.items())))
+
+    retry_after = {"Retry-After": {"description": "seconds to wait before trying again",
+                                   "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    error = {"type": "object", "required": ["error"], "additionalProperties": False,
+             "properties": {"error": {
+                 "type": "object", "required": ["status", "title", "description"],
+                 "additionalProperties": False,
+                 "properties": {"status": {"type": "integer", "minimum": 400, "maximum": 599},
+                                "title": string, "description": string,
+                                "field": {"type": "string", "description": "the input at fault"}}}}}
+    tool_call = {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": nullable(string), "arguments": {},
+                                "result": {}, "error": string}}
+    reply = {"reply": string, "session_id": string, "message_id": string,
+             "tool_calls": {"type": "array", "items": ref("schemas", "ToolCall")},
+             "truncated": {"type": "boolean", "const": True,
+                           "description": "[agent] max_tokens cut the reply off"}}
+    attachment = {"type": "object", "required": ["url"], "properties": {
+        "url": {"type": "string", "pattern": ATTACHMENT_URL_PATTERN,
+                "description": "http(s), a host name or IPv4 address, optional port"},
+        "type": nullable(string), "name": nullable(string)}}
+    message = {
+        "type": "object", "required": ["user_id", "message"],
+        "description": "Fields other than these are ignored; null is the same as absent.",
+        "properties": {
+            "user_id": {"type": "string", "minLength": 1, "maxLength": USER_ID_MAX,
+                        "pattern": NOT_BLANK},
+            "message": {"type": "string", "minLength": 1, "pattern": NOT_BLANK},
+            "metadata": {"type": ["object", "null"],
+                         "description": f"anything the model should know; at most "
+                                        f"{MAX_NESTING} levels deep"},
+            "session_id": {"type": ["string", "null"], "minLength": 1,
+                           "maxLength": SESSION_ID_MAX,
+                           "description": "continue this session (404 when it is not "
+                                          "one of this user's); absent: the current one"},
+            "attachments": {"type": ["array", "null"], "maxItems": ATTACHMENTS_MAX,
+                            "items": ref("schemas", "Attachment")}},
+        "example": {"user_id": "alice", "message": "What time is it?",
+                    "metadata": {"timezone": "Europe/Paris"}}}
+    accepted = {"type": "object", "additionalProperties": False,
+                "required": ["status", "session_id", "message_id", "status_url"],
+                "properties": {"status": {"const": "accepted"}, "session_id": string,
+                               "message_id": string, "status_url": string}}
+    done = {"type": "object", "additionalProperties": False,
+            "required": ["reply", "session_id", "tool_calls"], "properties": reply}
+    delivery = {"type": "object", "additionalProperties": False,
+                "required": ["status", "attempts"], "properties": {
+                    "status": {"enum": ["pending", "delivered", "failed"]},
+                    "attempts": {"type": "integer", "minimum": 0}, "last_error": string,
+                    "next_attempt_at": {"type": "string", "format": "date-time"}}}
+    status = {"type": "object", "additionalProperties": False,
+              "required": ["message_id", "session_id", "user_id", "status", "created_at"],
+              "properties": dict(
+                  reply, user_id=string, status={"enum": ["queued", "running", "done", "failed"]},
+                  created_at={"type": "string", "format": "date-time"},
+                  finished_at={"type": "string", "format": "date-time"},
+                  error=ref("schemas", "ErrorDetail"), delivery=delivery)}
+    callback = {"oneOf": [
+        {"type": "object", "additionalProperties": False,
+         "required": ["session_id", "in_reply_to", "message_id"],
+         "description": "a turn's result: reply and tool_calls, or error",
+         "properties": dict(reply, in_reply_to={"type": "string",
+                                                "description": "the sender's user_id"},
+                            error=ref("schemas", "ErrorDetail"))},
+        {"type": "object", "additionalProperties": False,
+         "required": ["type", "session_id", "in_reply_to", "message_id", "message"],
+         "description": "a message of the agent's own (the webhook_send tool)",
+         "properties": {"type": {"const": "notification"}, "session_id": string,
+                        "in_reply_to": string, "message_id": string, "message": string}}]}
+    secured = [{"secret": []}, {"signature": []}]
+    replay_headers = {"Preference-Applied": {"schema": string},
+                      "Idempotent-Replayed": {"schema": {"const": "true"}}}
+    optional_header = lambda name, schema, text: {  # noqa: E731
+        "name": name, "in": "header", "required": False, "schema": schema, "description": text}
+    post = {
+        "operationId": "sendMessage", "summary": "Send a message to the agent",
+        "security": secured,
+        "parameters": [
+            optional_header("Idempotency-Key", {"type": "string", "minLength": 1,
+                                                "maxLength": IDEMPOTENCY_KEY_MAX},
+                            "a repeat with the same key (per user_id) gets the first answer; "
+                            "webhook-id counts as one when this is absent"),
+            optional_header("Prefer", string, "RFC 7240: respond-async (answer 202 at once), "
+                            f"wait=N (wait up to N s, at most {webhook.max_wait:g}, for the "
+                            "reply); anything else is ignored")],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": ref("schemas", "Message")}}},
+        "responses": responses({
+            "200": answer("the reply", ref("schemas", "Reply"), replay_headers),
+            "202": dict(answer("accepted: the reply comes as a callback to [channels.webhook] "
+                               "outbound_url and at status_url", ref("schemas", "Accepted"),
+                               dict(replay_headers, Location={"schema": string})),
+                        links={"status": {"operationId": "getMessage", "parameters": {
+                            "message_id": "$response.body#/message_id"}}})},
+            400, 401, 404, 409, 413, 415, 422, 429, 502, 503, 504),
+        "callbacks": {"reply": {"{$outbound_url}": {"post": {
+            "summary": "The reply, POSTed to [channels.webhook] outbound_url (not published: "
+                       "URLs hold tokens)",
+            "description": "Retried on a network error, 408, 429 and 5xx along [delivery] "
+                           "retry_schedule, honouring Retry-After on 429 and 503; the same "
+                           "webhook-id each time, so a receiver can drop duplicates.",
+            "parameters": [
+                optional_header("Authorization", string, "Bearer <secret>, or Basic with "
+                                "[channels.webhook] auth_user ([channels.webhook] auth_type)"),
+                optional_header("webhook-id", string, "the message_id"),
+                optional_header("webhook-timestamp", string, "Unix seconds"),
+                optional_header("webhook-signature", string,
+                                "Standard Webhooks v1,<base64 HMAC-SHA256> of "
+                                "id.timestamp.body keyed with the secret")],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref("schemas", "Callback")}}},
+            "responses": {"2XX": {"description": "delivered"},
+                          "default": {"description": "retried or failed, as above"}}}}}}}
+    paths = {}
+    if settings.webhook_enabled:
+        paths[webhook.path] = {"post": post}
+        paths[webhook.path + "/messages/{message_id}"] = {"get": {
+            "operationId": "getMessage", "summary": "Where an accepted message stands",
+            "security": secured,
+            "parameters": [
+                {"name": "message_id", "in": "path", "required": True, "schema": string},
+                {"name": "wait", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": f"^{WAIT_PATTERN}$"},
+                 "description": "answer once done, or after this many seconds (at most "
+                                f"{webhook.max_wait:g}, [channels.webhook] max_wait)"}],
+            "responses": responses({"200": answer("the message", ref("schemas", "Status"))},
+                                   401, 404, 422, 429, 503)}}
+    paths["/healthz"] = {"get": {"operationId": "health", "summary": "Liveness", "responses": {
+        "200": answer("alive", {"type": "object", "additionalProperties": False,
+                                "required": ["status", "version"],
+                                "properties": {"status": {"const": "ok"}, "version": string}})}}}
+    readiness = {"type": "object", "additionalProperties": False,
+                 "required": ["status", "checks"], "properties": {
+                     "status": {"enum": ["ready", "not ready"]},
+                     "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}}}
+    paths["/readyz"] = {"get": {"operationId": "ready", "summary": "Readiness", "responses": {
+        "200": answer("ready", readiness), "503": answer("not ready", readiness)}}}
+    paths["/metrics"] = {"get": {
+        "operationId": "metrics", "summary": "Prometheus metrics",
+        "security": [] if settings.server.metrics_public else [{"secret": []}],
+        "responses": responses({"200": answer("Prometheus text format 0.0.4", string,
+                                              media="text/plain")},
+                               *(() if settings.server.metrics_public else (401, 429)))}}
+    paths["/openapi.json"] = {"get": {"operationId": "openapi", "summary": "This document",
+                                      "responses": {"200": answer("OpenAPI 3.1",
+                                                                  {"type": "object"})}}}
+    for extra in OPENAPI_CHANNELS:  # other channels describe their own routes
+        paths.update(extra(settings))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "aibutler", "version": __version__,
+                 "description": "Let anything that can POST JSON talk to an AI agent."},
+        "paths": paths,
+        "components": {
+            "schemas": {"Message": message, "Attachment": attachment, "Reply": done,
+                        "ToolCall": tool_call, "Accepted": accepted, "Status": status,
+                        "Error": error, "ErrorDetail": error["properties"]["error"],
+                        "Callback": callback},
+            "responses": {str(code): answer(f"{HTTPStatus(code).phrase}: {meaning}",
+                                            ref("schemas", "Error"),
+                                            retry_after if code in RETRY_AFTER_STATUSES
+                                            else None)
+                          for code, meaning in ERROR_MEANINGS.items()},
+            "securitySchemes": {
+                "secret": {"type": "apiKey", "in": "header", "name": "X-Aibutler-Secret",
+                           "description": "the vault's webhook_auth_secret"},
+                "signature": {"type": "apiKey", "in": "header", "name": "webhook-signature",
+                              "description": "instead of the secret: a Standard Webhooks v1 "
+                                             "signature of the body with the same secret, "
+                                             "with webhook-id and webhook-timestamp (at most "
+                                             f"{Authenticator.SIGNATURE_TOLERANCE} s off)"}}}}
+
+
+OPENAPI_CHANNELS = []  # (settings) -> {path: path item} of a channel's routes, if active
+
+
+class OpenApiResource:
+    def __init__(self, settings):
+        self.settings = settings
+
+    def on_get(self, req, resp):
+        resp.media = openapi_document(self.settings)
+
+
 def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, store, handover,
                gate):
     """The falcon app: each resource gets only the parts it uses."""
@@ -3780,6 +4019,7 @@ def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, stor
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(readiness))
     app.add_route("/metrics", MetricsResource(settings, auth, metrics))
+    app.add_route("/openapi.json", OpenApiResource(settings))
     return app
 
 
