@@ -2847,7 +2847,7 @@ class Inbox:
 def result_answer(result):
     """(status, body) of a finished turn as a sync request answers it."""
     if "error" in result:
-        return result["error"]["status"], result["error"]
+        return result["error"]["status"], {"error": result["error"]}
     body = {key: result[key] for key in ("reply", "session_id", "tool_calls", "truncated",
                                          "message_id") if key in result}
     return 200, body
