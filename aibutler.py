@@ -3634,10 +3634,15 @@ class MessageResource:
                                 "pruned ([delivery] idempotency_ttl)")
         if wait and job["state"] != "done":
             with self.gate.parked():
-                self.handover.watch(lambda: self.store.message(message_id)[0]["state"] == "done",
-                                    wait)
+                self.handover.watch(lambda: self._done(message_id), wait)
             job, delivery = self.store.message(message_id)
+            if job is None:  # pruned meanwhile
+                raise ApiError(404, f"no message {message_id!r}: its result was pruned")
         resp.media = message_status(job, delivery)
+
+    def _done(self, message_id):
+        job, _ = self.store.message(message_id)
+        return job is None or job["state"] == "done"
 
 
 def message_status(job, delivery):
