@@ -3946,8 +3946,13 @@ class GlibcMalloc:
     M_ARENA_MAX = -8  # from glibc's malloc.h
 
     def __init__(self):
-        import ctypes  # here: only serving needs it
-        libc = ctypes.CDLL(None)
+        self.mallopt = self.malloc_trim = None
+        try:
+            import ctypes  # here: only serving needs it
+            libc = ctypes.CDLL(None)
+        except (ImportError, OSError) as exc:  # a Python built without ctypes
+            log.debug("memory: no C library calls (%s); memory is left to it", exc)
+            return
         self.mallopt = getattr(libc, "mallopt", None)
         self.malloc_trim = getattr(libc, "malloc_trim", None)
 
