@@ -2892,7 +2892,8 @@ class Handover:
     def finish(self, message_id, body, store):
         """store(taken) keeps the result, with its delivery unless a sender took it."""
         with self._changed:
-            slot = self._takers.pop(message_id, None)
+            # left in place: a quick turn may finish before its sender calls take()
+            slot = self._takers.get(message_id)
             store(slot is not None)
             if slot is not None:
                 slot.append(body)
