@@ -77,6 +77,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 EXIT_CANNOT_LISTEN = 69  # the port is taken: the unit's RestartPreventExitStatus= lists it
 
 SECRET_NAME = "webhook_auth_secret"
+TWILIO_TOKEN_NAME = "twilio_auth_token"  # the Twilio account's Auth Token, in the vault
 USER_AGENT = "aibutler/" + __version__
 INSTALL_HINT = ("pip install falcon waitress  (or on Debian/Raspberry Pi OS: "
                 "apt install python3-falcon python3-waitress)")
@@ -314,6 +315,31 @@ def parse_path(text):
     return value
 
 
+def parse_account_sid(text):
+    value = str(text).strip()
+    if value and not re.fullmatch(r"AC[0-9a-fA-F]{32}", value):
+        raise ValueError("expected a Twilio Account SID: AC and 32 hex digits")
+    return value
+
+
+TWILIO_WAIT_MAX = 14.0  # seconds: Twilio gives up on an answer after 15 s
+
+
+def parse_twilio_wait(text):
+    value = parse_duration(text)
+    if value > TWILIO_WAIT_MAX:
+        raise ValueError(f"must be at most {TWILIO_WAIT_MAX:g}s: Twilio waits 15 s for "
+                         "the answer, then gives up on it")
+    return value
+
+
+def parse_text(text):
+    value = str(text).strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
 def parse_optional_float(text):
     if not str(text).strip():
         return None
@@ -392,6 +418,15 @@ CONFIG_SCHEMA = {
         "reply_wait": ("0", parse_duration),
         "max_wait": ("25s", parse_duration),
     },
+    "channels.twilio": {
+        "path": ("/webhook/twilio", parse_path),
+        "public_url": ("", parse_url),
+        "account_sid": ("", parse_account_sid),
+        "reply_wait": ("12s", parse_twilio_wait),
+        "api_base": ("https://api.twilio.com", parse_base_url),
+        "error_reply": ("Sorry, something went wrong on my side. Please try again in a "
+                        "little while.", parse_text),
+    },
     "agent": {
         "provider": ("builtin", parse_choice("builtin", "openai", "anthropic")),
         "model": ("", str.strip),
@@ -456,6 +491,10 @@ class Config:
     @property
     def async_mode(self):
         return bool(self.webhook.outbound_url)
+
+    @property
+    def twilio_enabled(self):
+        return "twilio" in self.channels.active
 
 
 class Settings:
@@ -547,7 +586,23 @@ def load_config(explicit=None, env=None, data_dir=None):
         where = origin.get(("channels.webhook", "path"), "[channels.webhook] path")
         raise ConfigError(f"{where} = {config.webhook.path!r}: {taken.pop()} is the daemon's "
                           "own; choose another path")
+    if config.twilio_enabled:
+        check_twilio_config(config, origin)
     return config
+
+
+def check_twilio_config(config, origin):
+    """What the Twilio channel cannot work without, beyond each key's own parse."""
+    where = origin.get(("channels.twilio", "path"), "[channels.twilio] path")
+    path = config.twilio.path
+    if path in RESERVED_PATHS or (config.webhook_enabled and (
+            path == config.webhook.path or path.startswith(config.webhook.path + "/"))):
+        raise ConfigError(f"{where} = {path!r}: the path is taken by the daemon or the "
+                          "webhook channel; choose another path")
+    if not config.twilio.account_sid:
+        raise ConfigError("[channels.twilio] account_sid is empty: twilio is in [channels] "
+                          "active, and replies sent later go through the account's Messages "
+                          "API (copy the Account SID from Twilio's console)")
 
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")  # create_app adds them
@@ -741,6 +796,15 @@ def accepted_secrets(vault, grace, now=None):
     return found
 
 
+def check_twilio_token(config, vault, data_dir, env):
+    """At start, before listening: Twilio's requests cannot be checked, nor
+    replies sent, without the account's Auth Token."""
+    if config.twilio_enabled and not vault.get(TWILIO_TOKEN_NAME):
+        raise ConfigError(f"twilio is in [channels] active but the vault has no "
+                          f"{TWILIO_TOKEN_NAME}; store the account's Auth Token with: "
+                          + command_hint(data_dir, "vault", "set", TWILIO_TOKEN_NAME, env=env))
+
+
 # === Storage (sqlite) =======================================================
 
 SCHEMA = """
@@ -842,7 +906,8 @@ class Store:
 
     # Columns added since the first release: a file made by an older version
     # gets them at start (sqlite's ALTER TABLE ADD COLUMN is instant).
-    ADDED_COLUMNS = {"jobs": {"result": "TEXT", "channel": "TEXT NOT NULL DEFAULT 'webhook'"}}
+    ADDED_COLUMNS = {"jobs": {"result": "TEXT", "channel": "TEXT NOT NULL DEFAULT 'webhook'"},
+                     "deliveries": {"channel": "TEXT NOT NULL DEFAULT 'webhook'"}}
 
     @staticmethod
     def _add_missing_columns(db):
@@ -1137,16 +1202,18 @@ class Store:
                 hold(row["seq"])
             return row
 
-    def finish_job(self, job, body, deliver):
+    def finish_job(self, job, body, deliver, outgoing=None):
         """The turn is over: keep its result (for GET .../messages/{id}) and, if
-        it is to be delivered, put it in the outbox, in one transaction, so a
-        crash between the two cannot lose or repeat it."""
+        it is to be delivered, put it (or `outgoing`, what its channel sends) in
+        the outbox, in one transaction, so a crash between the two cannot lose
+        or repeat it."""
         now = self.clock()
         with self.transaction() as db:
             db.execute("UPDATE jobs SET state='done', finished=?, result=? WHERE seq=?",
                        (now, json.dumps(body), job["seq"]))
             if deliver:
-                self.add_delivery(db, job["message_id"], job["user_id"], body)
+                self.add_delivery(db, job["message_id"], job["user_id"],
+                                  body if outgoing is None else outgoing, job["channel"])
             self._pending_change -= 1
 
     def message(self, message_id):
@@ -1157,10 +1224,10 @@ class Store:
                                   (message_id,)).fetchone()
         return job, delivery
 
-    def add_delivery(self, db, message_id, user_id, body):
-        db.execute("INSERT INTO deliveries (message_id, user_id, body, state, next_attempt, created) "
-                   "VALUES (?,?,?,'pending',?,?)",
-                   (message_id, user_id, json.dumps(body), self.clock(), self.clock()))
+    def add_delivery(self, db, message_id, user_id, body, channel="webhook"):
+        db.execute("INSERT INTO deliveries (message_id, user_id, body, state, next_attempt, "
+                   "created, channel) VALUES (?,?,?,'pending',?,?,?)",
+                   (message_id, user_id, json.dumps(body), self.clock(), self.clock(), channel))
 
     def recover(self):
         """At start: work a killed process left half done goes back in line."""
@@ -1201,6 +1268,12 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE deliveries SET state='delivered', finished=?, last_error=NULL "
                        "WHERE seq=?", (self.clock(), seq))
+
+    def delivery_progress(self, seq, body):
+        """A delivery sent in parts (Twilio): what is sent so far, so a retry
+        or the next start goes on from the first unsent part."""
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET body=? WHERE seq=?", (json.dumps(body), seq))
 
     def delivery_retry_at(self, seq, when, error):
         with self.transaction() as db:
@@ -2528,6 +2601,120 @@ class Agent:
         return result
 
 
+# === Twilio: signatures, TwiML, the Messages API ============================
+
+def twilio_signature(token, url, params):
+    """X-Twilio-Signature: base64 HMAC-SHA1, keyed with the Auth Token, of the
+    URL Twilio called followed by each POST parameter's name and value, sorted
+    by name (a repeated name's values sorted, duplicates once, as Twilio's own
+    RequestValidator does)."""
+    values = {}
+    for name, value in params:
+        values.setdefault(name, set()).add(value)
+    text = url + "".join(name + value for name in sorted(values)
+                         for value in sorted(values[name]))
+    digest = hmac.new(token.encode(), text.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def twilio_url_variants(url):
+    """The URL with and without its scheme's default port: Twilio signs
+    either (its RequestValidator accepts both)."""
+    parts = urllib.parse.urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:
+        return [url]
+    if port not in (None, default):
+        return [url]
+    bare = parts._replace(netloc=host).geturl()
+    return [bare, parts._replace(netloc=f"{host}:{default}").geturl()]
+
+
+TWILIO_MAX_CHARS = 1600  # Twilio refuses a longer message body (error 21617)
+SENTENCE_END = re.compile(r"[.!?…](?=\s)|\n")
+
+
+def split_reply(text, limit=TWILIO_MAX_CHARS):
+    """A reply as the messages that carry it: one if it fits, else parts
+    numbered "(1/3) ", cut at a sentence end, else between words."""
+    text = text.strip()
+    if len(text) <= limit:
+        return [text]
+    count = 2
+    while True:
+        room = limit - len(f"({count}/{count}) ")
+        chunks = chunk_text(text, room)
+        if len(chunks) <= count:
+            return [f"({i}/{len(chunks)}) {chunk}" for i, chunk in enumerate(chunks, 1)]
+        count = len(chunks)
+
+
+def chunk_text(text, size):
+    chunks = []
+    while len(text) > size:
+        ends = [m.end() for m in SENTENCE_END.finditer(text, 0, size + 1) if m.end() <= size]
+        cut = ends[-1] if ends and ends[-1] >= size // 2 else 0
+        if not cut:
+            spaces = [m.start() for m in re.finditer(r"\s", text[:size + 1])]
+            cut = spaces[-1] if spaces and spaces[-1] > 0 else size
+        chunks.append(text[:cut].strip())
+        text = text[cut:].strip()
+    return chunks + [text] if text else chunks
+
+
+XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def twiml(messages=()):
+    """A TwiML answer: each text a <Message>; none is an empty <Response/>."""
+    def escape(text):
+        text = XML_FORBIDDEN.sub("", text)
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    inner = "".join(f"<Message>{escape(text)}</Message>" for text in messages)
+    return ('<?xml version="1.0" encoding="UTF-8"?>'
+            + (f"<Response>{inner}</Response>" if inner else "<Response/>"))
+
+
+def twilio_reply_parts(result, error_reply):
+    """What a finished turn says to the texter: its reply, or the apology."""
+    return split_reply(error_reply if "error" in result else result["reply"])
+
+
+def twilio_outgoing(request, result, error_reply):
+    """The outbox entry of a reply sent later through the Messages API: to
+    the texter, from the number they wrote to, in parts, none sent yet."""
+    return {"message_id": result["message_id"], "to": request["user_id"],
+            "from": request["metadata"]["to"], "parts": twilio_reply_parts(result, error_reply),
+            "sent": 0}
+
+
+TWILIO_API_TIMEOUT = 15.0  # seconds one Messages API request may take
+
+
+class TwilioMessages:
+    """Twilio's Messages REST API: one message, one form POST, basic auth
+    with the Account SID and the vault's Auth Token."""
+
+    def __init__(self, settings, vault):
+        self.settings = settings
+        self.vault = vault
+
+    def send(self, to, sender, text):
+        """(status, headers, body) of one POST; raises OSError when no answer came."""
+        twilio = self.settings.twilio
+        url = f"{twilio.api_base}/2010-04-01/Accounts/{twilio.account_sid}/Messages.json"
+        token = self.vault.get(TWILIO_TOKEN_NAME) or ""
+        credentials = base64.b64encode(f"{twilio.account_sid}:{token}".encode()).decode()
+        body = urllib.parse.urlencode({"To": to, "From": sender, "Body": text}).encode()
+        headers = {"Authorization": "Basic " + credentials, "User-Agent": USER_AGENT,
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        return http_post(url, body, headers, TWILIO_API_TIMEOUT)
+
+
 # === Delivery: inbox, turn workers, callback dispatcher =====================
 #
 # How many turns run at once is decided by the model server, not by threads.
@@ -2705,7 +2892,8 @@ class Handover:
     def finish(self, message_id, body, store):
         """store(taken) keeps the result, with its delivery unless a sender took it."""
         with self._changed:
-            slot = self._takers.pop(message_id, None)
+            # left in place: a quick turn may finish before its sender calls take()
+            slot = self._takers.get(message_id)
             store(slot is not None)
             if slot is not None:
                 slot.append(body)
@@ -2847,7 +3035,7 @@ class Inbox:
 def result_answer(result):
     """(status, body) of a finished turn as a sync request answers it."""
     if "error" in result:
-        return result["error"]["status"], result["error"]
+        return result["error"]["status"], {"error": result["error"]}
     body = {key: result[key] for key in ("reply", "session_id", "tool_calls", "truncated",
                                          "message_id") if key in result}
     return 200, body
@@ -3081,9 +3269,10 @@ class TurnWorkers(WorkerPool):
         super()._loop()
 
     def delivered(self, job):
-        """Whether a job's result goes out as a callback (else it is only kept,
-        for GET .../messages/{id})."""
-        return self.settings.async_mode
+        """Whether a job's result goes out as a callback, or a Twilio reply not
+        taken by its waiting request (else it is only kept, for GET
+        .../messages/{id})."""
+        return job["channel"] == "twilio" or self.settings.async_mode
 
     def handle(self, job):
         request = json.loads(job["request"])
@@ -3105,19 +3294,20 @@ class TurnWorkers(WorkerPool):
             body["error"] = error_dict(500, "the agent failed unexpectedly; the daemon's log "
                                             "has the details")
         deliver = self.delivered(job)
-        self.handover.finish(job["message_id"], body,
-                             lambda taken: self.store.finish_job(job, body, deliver and not taken))
+        outgoing = (twilio_outgoing(request, body, self.settings.twilio.error_reply)
+                    if job["channel"] == "twilio" else None)
+        self.handover.finish(job["message_id"], body, lambda taken: self.store.finish_job(
+            job, body, deliver and not taken, outgoing))
         self.dispatcher.notify()
         self.notify()  # this user's next message, if any, may start now
 
 
-def attempt_error(exc):
+def attempt_error(exc, setting="[channels.webhook] outbound_url"):
     """Why an attempt failed, without the URL: its user info, path and query
     often hold tokens, and some exceptions (http.client.InvalidURL) quote them."""
     if isinstance(exc, OSError):
         return "network error: " + ("timed out" if is_timeout(exc) else network_reason(exc))
-    return (f"cannot send: {type(exc).__name__} (is [channels.webhook] outbound_url a URL "
-            "that can be used as it is?)")
+    return f"cannot send: {type(exc).__name__} (is {setting} a URL that can be used as it is?)"
 
 
 class CallbackDispatcher(WorkerPool):
@@ -3125,7 +3315,8 @@ class CallbackDispatcher(WorkerPool):
     and a Standard Webhooks signature. The same webhook-id (= message_id) goes
     with every retry so receivers can drop duplicates. Retries follow
     [delivery] retry_schedule with jitter; Retry-After is honoured on 429/503;
-    other 4xx (but 408) are final."""
+    other 4xx (but 408) are final. Twilio replies go to Twilio's Messages API
+    instead, one POST per part, in order, with the same retries."""
 
     NO_URL_RETRY_AFTER = 60.0  # seconds between looks for an outbound URL (set by reload)
 
@@ -3137,6 +3328,7 @@ class CallbackDispatcher(WorkerPool):
         self.metrics = metrics
         self.clock = clock
         self.table, self.claim = "deliveries", store.claim_delivery
+        self.twilio = TwilioMessages(settings, vault)
 
     def queue_notification(self, ctx, message):
         """The webhook_send tool: a message of the agent's own to the outbound URL."""
@@ -3176,6 +3368,9 @@ class CallbackDispatcher(WorkerPool):
         return headers
 
     def handle(self, row):
+        if row["channel"] == "twilio":
+            self.handle_twilio(row)
+            return
         url = self.settings.webhook.outbound_url
         attempt = row["attempts"] + 1
         if not url:
@@ -3189,11 +3384,37 @@ class CallbackDispatcher(WorkerPool):
         except Exception as exc:  # whatever went wrong, it is a failed attempt
             self._retry(row, attempt, attempt_error(exc))
             return
+        self._answered(row, attempt, status, headers, url_host(url))
+
+    def handle_twilio(self, row):
+        """Send the parts not sent yet, in order; each one sent is recorded, so
+        a failure resumes at the first unsent part and none goes twice."""
+        attempt = row["attempts"] + 1
+        outgoing = json.loads(row["body"])
+        parts = outgoing["parts"]
+        while True:
+            try:
+                status, headers, _ = self.twilio.send(outgoing["to"], outgoing["from"],
+                                                      parts[outgoing["sent"]])
+            except Exception as exc:  # whatever went wrong, it is a failed attempt
+                self._retry(row, attempt, attempt_error(exc, "[channels.twilio] api_base"))
+                return
+            if not 200 <= status < 300 or outgoing["sent"] + 1 == len(parts):
+                break
+            outgoing["sent"] += 1
+            self.store.delivery_progress(row["seq"], outgoing)
+        where = "Twilio's Messages API"
+        if len(parts) > 1:
+            where += f" (part {outgoing['sent'] + 1} of {len(parts)})"
+        self._answered(row, attempt, status, headers, where)
+
+    def _answered(self, row, attempt, status, headers, where):
+        """The outcome of an attempt that got an HTTP answer."""
         if 200 <= status < 300:
             self.store.delivery_done(row["seq"])
             self.metrics.inc("aibutler_deliveries_total", (("outcome", "delivered"),))
             log.info("delivery %s: delivered to %s (attempt %d)", row["message_id"],
-                     url_host(url), attempt)
+                     where, attempt)
         elif status in (408, 429) or status >= 500:
             retry_after = (parse_retry_after(headers.get("Retry-After"))
                            if status in (429, 503) else None)
@@ -3561,9 +3782,8 @@ class WebhookResource:
         if req.content_length is not None and req.content_length > limit:
             raise body_too_large(limit)
         if not is_json_media_type(req.content_type):
-            raise ApiError(415, "send Content-Type: application/json. Form posts (like "
-                                "Twilio's application/x-www-form-urlencoded) need a small "
-                                "adapter that turns them into JSON; see the README")
+            raise ApiError(415, "send Content-Type: application/json. Twilio's form posts "
+                                "go to the twilio channel ([channels.twilio]); see the README")
         raw = req.bounded_stream.read(limit + 1)
         if len(raw) > limit:  # no or a false Content-Length
             raise body_too_large(limit)
@@ -3605,6 +3825,126 @@ class WebhookResource:
 
     def status_path(self, message_id):
         return f"{self.settings.webhook.path}/messages/{message_id}"
+
+
+TWILIO_LOCATION_FIELDS = ("FromCity", "FromState", "FromZip", "FromCountry")
+
+
+class TwilioResource:
+    """POST [channels.twilio] path: an SMS or WhatsApp message as Twilio posts
+    it (a form, signed with X-Twilio-Signature). The reply goes back as TwiML
+    when the turn is done within reply_wait; after that an empty <Response/>
+    answers at once and the reply follows through the Messages API (outbox).
+    MessageSid is the idempotency key: Twilio's retries never run a turn twice."""
+
+    def __init__(self, settings, auth, vault, limits, inbox, stopping):
+        self.settings = settings
+        self.auth = auth
+        self.vault = vault
+        self.limits = limits
+        self.inbox = inbox
+        self.stopping = stopping
+
+    def on_post(self, req, resp):
+        if self.stopping.is_set():
+            raise ApiError(503, "the daemon is shutting down; try again shortly",
+                           retry_after=SHUTDOWN_RETRY_AFTER)
+        limit = self.settings.server.max_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            raise body_too_large(limit)
+        media = (req.content_type or "").split(";")[0].strip().lower()
+        if media != "application/x-www-form-urlencoded":
+            raise ApiError(415, "send the form Twilio sends: "
+                                "Content-Type: application/x-www-form-urlencoded")
+        raw = req.bounded_stream.read(limit + 1)
+        if len(raw) > limit:
+            raise body_too_large(limit)
+        try:
+            params = urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True,
+                                            errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "the form is not valid UTF-8") from None
+        self.verify(req, params)
+        form = dict(params)
+        request = validate_message(self.message(form))
+        self.limits.check(request["user_id"])
+        key = form.get("MessageSid") or None
+        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
+            raise ApiError(400, f"MessageSid is longer than {IDEMPOTENCY_KEY_MAX} characters",
+                           field="MessageSid")
+        twilio = self.settings.twilio
+        status, body, replayed = self.inbox.accept(request, key, wait=twilio.reply_wait,
+                                                   channel="twilio")
+        if status == 200:
+            texts = twilio_reply_parts(body, twilio.error_reply)
+        elif status == 202:  # the reply comes through the Messages API (or came already)
+            texts = []
+        else:  # the turn failed; the worker logged why
+            texts = twilio_reply_parts({"error": body}, twilio.error_reply)
+        resp.content_type = "text/xml"
+        resp.text = twiml(texts)
+        if replayed:
+            resp.set_header("Idempotent-Replayed", "true")
+
+    def verify(self, req, params):
+        """403 unless X-Twilio-Signature signs the URL Twilio called and the
+        form, keyed with the Auth Token (compared in constant time)."""
+        given = req.get_header("X-Twilio-Signature") or ""
+        token = self.vault.get(TWILIO_TOKEN_NAME)
+        url = self.signed_url(req)
+        if given and token and any(
+                hmac.compare_digest(given.encode(), twilio_signature(token, u, params).encode())
+                for u in twilio_url_variants(url)):
+            return
+        why = ("no X-Twilio-Signature header" if not given else
+               f"no {TWILIO_TOKEN_NAME} in the vault" if not token else "wrong X-Twilio-Signature")
+        error = self.auth.failed(req, f"{why}; checked against URL {url} (if Twilio calls "
+                                      "another URL, set [channels.twilio] public_url to it)")
+        if error.status == 401:
+            error = ApiError(403, "missing or wrong X-Twilio-Signature")
+        raise error
+
+    def signed_url(self, req):
+        """The URL Twilio signed: [channels.twilio] public_url, else this
+        request's own, as a trusted proxy says the sender called it."""
+        public = self.settings.twilio.public_url
+        if public:
+            return public
+        scheme, host = req.scheme, req.get_header("Host") or req.netloc
+        trusted = self.settings.server.trusted_proxies
+        if trusted and ip_in(req.remote_addr or "", trusted):
+            first = lambda name: (req.get_header(name) or "").split(",")[0].strip()  # noqa: E731
+            scheme = first("X-Forwarded-Proto").lower() or scheme
+            host = first("X-Forwarded-Host") or host
+        target = req.env.get("REQUEST_URI") or req.relative_uri
+        if not target.startswith("/"):  # an absolute-form request target
+            parts = urllib.parse.urlsplit(target)
+            target = parts.path + ("?" + parts.query if parts.query else "")
+        return f"{scheme}://{host}{target}"
+
+    @staticmethod
+    def message(form):
+        """Twilio's form -> the message the agent gets (validate_message checks it)."""
+        sender = form.get("From", "")
+        metadata = {"platform": "twilio-whatsapp" if sender.startswith("whatsapp:")
+                    else "twilio-sms", "to": form.get("To", ""),
+                    "message_sid": form.get("MessageSid", "")}
+        for field in TWILIO_LOCATION_FIELDS:
+            if form.get(field):
+                metadata["from_" + field[4:].lower()] = form[field]
+        count = form.get("NumMedia") or "0"
+        if not re.fullmatch(r"[0-9]{1,2}", count):
+            raise ApiError(400, "NumMedia must be a number", field="NumMedia")
+        attachments = [{"url": form.get(f"MediaUrl{i}"), "type": form.get(f"MediaContentType{i}")}
+                       for i in range(int(count))]
+        text = form.get("Body", "")
+        message = {"user_id": sender, "metadata": metadata,
+                   "message": text if text.strip() else "(no text)"}
+        if attachments:
+            message["attachments"] = attachments
+        if not sender.strip():
+            raise ApiError(400, "From is missing: not a message as Twilio posts it", field="From")
+        return message
 
 
 def parse_prefer(header):
@@ -3650,10 +3990,15 @@ class MessageResource:
                                 "pruned ([delivery] idempotency_ttl)")
         if wait and job["state"] != "done":
             with self.gate.parked():
-                self.handover.watch(lambda: self.store.message(message_id)[0]["state"] == "done",
-                                    wait)
+                self.handover.watch(lambda: self._done(message_id), wait)
             job, delivery = self.store.message(message_id)
+            if job is None:  # pruned meanwhile
+                raise ApiError(404, f"no message {message_id!r}: its result was pruned")
         resp.media = message_status(job, delivery)
+
+    def _done(self, message_id):
+        job, _ = self.store.message(message_id)
+        return job is None or job["state"] == "done"
 
 
 def message_status(job, delivery):
@@ -3998,7 +4343,7 @@ class OpenApiResource:
 
 
 def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, store, handover,
-               gate):
+               gate, vault=None):
     """The falcon app: each resource gets only the parts it uses."""
     load_web_stack()
     app = falcon.App(middleware=[RequestLog(metrics)])
@@ -4016,6 +4361,9 @@ def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, stor
                       WebhookResource(settings, auth, limits, inbox, stopping))
         app.add_route(settings.webhook.path + "/messages/{message_id}",
                       MessageResource(settings, auth, store, handover, gate))
+    if settings.twilio_enabled:
+        app.add_route(settings.twilio.path,
+                      TwilioResource(settings, auth, vault, limits, inbox, stopping))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(readiness))
     app.add_route("/metrics", MetricsResource(settings, auth, metrics))
@@ -4058,7 +4406,8 @@ class Butler:
 
     def app(self):
         return create_app(self.settings, self.auth, self.limits, self.inbox, self.metrics,
-                          self.readiness, self.stopping, self.store, self.handover, self.gate)
+                          self.readiness, self.stopping, self.store, self.handover, self.gate,
+                          self.vault)
 
     def start(self):
         jobs, sends = self.store.recover()
@@ -4184,8 +4533,13 @@ class GlibcMalloc:
     M_ARENA_MAX = -8  # from glibc's malloc.h
 
     def __init__(self):
-        import ctypes  # here: only serving needs it
-        libc = ctypes.CDLL(None)
+        self.mallopt = self.malloc_trim = None
+        try:
+            import ctypes  # here: only serving needs it
+            libc = ctypes.CDLL(None)
+        except (ImportError, OSError) as exc:  # a Python built without ctypes
+            log.debug("memory: no C library calls (%s); memory is left to it", exc)
+            return
         self.mallopt = getattr(libc, "mallopt", None)
         self.malloc_trim = getattr(libc, "malloc_trim", None)
 
@@ -4344,7 +4698,11 @@ class Daemon:
             mode = (f"async, callbacks to {url_host(settings.webhook.outbound_url)} "
                     f"({settings.webhook.auth_type} auth)" if settings.async_mode else "sync")
             log.info("channels: webhook at %s (%s)", settings.webhook.path, mode)
-        else:
+        if settings.twilio_enabled:
+            log.info("channels: twilio at %s (signatures checked against %s)",
+                     settings.twilio.path, settings.twilio.public_url
+                     or "the URL each request was sent to")
+        if not settings.webhook_enabled and not settings.twilio_enabled:
             log.info("channels: none active (enable [channels.webhook])")
         if "webhook_send" in self.butler.tools.tools:
             log.info("webhook: tools registered (webhook_send)")
@@ -4737,6 +5095,7 @@ def cmd_run(args):
     setup_logging(config.server.log_level, env)
     data_dir = ensure_data_dir(data_dir_from_env(env))
     vault = open_vault(env)
+    check_twilio_token(config, vault, data_dir, env)
     for warning in data_dir_warnings(data_dir, fresh=not os.path.lexists(vault.path)):
         log.warning("files: %s", warning)
     store = open_store(data_dir)

@@ -176,3 +176,28 @@ def test_a_sync_turn_that_waits_its_whole_time_limit_gets_503():
     assert gate.waiting() == 0 and gate.running == 0
     with gate.turn("third", time.time()):  # the place it gave up is free again
         assert gate.running == 1
+
+
+def test_spare_request_threads_end_once_not_needed_for_a_while():
+    from waitress.task import ThreadedTaskDispatcher
+    now = [0.0]
+    dispatcher = ThreadedTaskDispatcher()
+    threads = aibutler.RequestThreads(dispatcher, 2, clock=lambda: now[0])
+    dispatcher.set_thread_count(2)
+    try:
+        for _ in range(3):  # three requests wait on the model: three spares
+            threads.park()
+        assert len(dispatcher.threads) == 5
+        for _ in range(3):
+            threads.unpark()
+        threads.shrink()
+        assert len(dispatcher.threads) == 5  # needed a moment ago: kept
+        now[0] += threads.SHRINK_AFTER
+        threads.shrink()  # the window that needed five ends now
+        now[0] += threads.SHRINK_AFTER
+        threads.shrink()  # a whole window needed two
+        until(lambda: len(dispatcher.threads) == 2)
+        threads.park()  # needed again: started again
+        assert len(dispatcher.threads) == 3
+    finally:
+        dispatcher.shutdown(timeout=5)

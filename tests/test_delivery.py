@@ -383,3 +383,17 @@ def test_durable_commits_share_fsyncs_and_each_waits_for_one(tmp_path):
     for began, returned in spans:
         assert any(began <= start and end <= returned for start, end in syncs)
     store.close()
+
+
+def test_a_turn_done_before_its_sender_waits_is_still_handed_over():
+    """A quick turn (the builtin agent) can finish between the commit and the
+    sender's take(): the sender still gets it, and it is not also delivered."""
+    handover = aibutler.Handover()
+    handover.expect("msg-1")
+    taken = []
+    handover.finish("msg-1", {"reply": "hi"}, taken.append)
+    assert handover.take("msg-1", 0) == {"reply": "hi"} and taken == [True]
+    handover.expect("msg-2")
+    assert handover.take("msg-2", 0) is None  # gave up waiting: the result is delivered
+    handover.finish("msg-2", {"reply": "later"}, taken.append)
+    assert taken == [True, False]

@@ -90,10 +90,10 @@ def test_body_over_the_limit_is_413_without_reading_it(app_for):
     error_of(result, 413)
 
 
-def test_not_json_is_415_and_mentions_the_adapter(app_for):
+def test_not_json_is_415_and_points_to_the_twilio_channel(app_for):
     body = error_of(post(app_for(), body="From=%2B1555&Body=hi", headers=auth(
         {"Content-Type": "application/x-www-form-urlencoded"})), 415)
-    assert "adapter" in body["description"]
+    assert "[channels.twilio]" in body["description"]
 
 
 def test_malformed_invalid_utf8_and_empty_bodies_are_400(app_for):

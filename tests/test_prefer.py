@@ -1,0 +1,153 @@
+"""Issue 11, first part, through the real daemon: the sender picks how it gets
+the reply per request with RFC 7240's Prefer (wait=N, respond-async), every
+202 points at GET {path}/messages/{id}, which long-polls with ?wait=N."""
+
+import threading
+
+from conftest import SECRET, Recorder, ok, openai_text
+
+PATH = "/webhook/custom"
+
+
+class HeldModel(Recorder):
+    """A fake OpenAI-compatible server whose answers wait for `release`."""
+
+    def __init__(self, text="the reply"):
+        self.release = threading.Event()
+        super().__init__([self._answer(text)])
+
+    def _answer(self, text):
+        def respond(request):
+            self.release.wait(30)
+            return ok(openai_text(text))
+        return respond
+
+
+def start(daemon, model, extra=""):
+    d = daemon(f"[agent]\nprovider = openai\nbase_url = {model.url}\n"
+               f"[limits]\nrate = 0\nuser_rate = 0\n{extra}")
+    return d.start()
+
+
+def status_of(d, location, query=""):
+    return d.get(location + query, {"X-Aibutler-Secret": SECRET})
+
+
+def in_background(call):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_without_prefer_nothing_changes(daemon):
+    d = daemon("[limits]\nrate = 0\nuser_rate = 0\n").start()
+    status, headers, body = d.post({"user_id": "u", "message": "what is 2+2?"})
+    assert status == 200 and "4" in body["reply"]
+    assert headers["Location"] is None and headers["Preference-Applied"] is None
+
+
+def test_respond_async_without_an_outbound_url_then_poll(daemon):
+    model = HeldModel()
+    d = start(daemon, model)
+    try:
+        status, headers, body = d.post({"user_id": "u", "message": "hi"},
+                                       {"Prefer": "respond-async"})
+        assert status == 202 and headers["Preference-Applied"] == "respond-async"
+        location = headers["Location"]
+        assert location == f"{PATH}/messages/{body['message_id']}" == body["status_url"]
+        status, _, state = status_of(d, location)
+        assert status == 200 and state["status"] in ("queued", "running")
+        assert state["user_id"] == "u" and state["session_id"] == body["session_id"]
+        assert "reply" not in state and "delivery" not in state
+        poll, answer = in_background(lambda: status_of(d, location, "?wait=20"))
+        model.wait_for(1)
+        model.release.set()  # the long poll answers as soon as the turn is done
+        poll.join(20)
+        status, _, state = answer[0]
+        assert status == 200 and state["status"] == "done" and state["reply"] == "the reply"
+        assert state["finished_at"] >= state["created_at"]
+        assert "delivery" not in state  # no outbound URL: polling is the way
+    finally:
+        model.release.set()
+
+
+def test_wait_answers_200_when_done_in_time_and_sends_no_callback(daemon, receiver):
+    model = HeldModel()
+    callbacks = receiver()
+    d = start(daemon, model, f"[channels.webhook]\noutbound_url = {callbacks.url}\n")
+    replying, answer = in_background(lambda: d.post({"user_id": "u", "message": "hi"},
+                                                    {"Prefer": "wait=20"}))
+    model.wait_for(1)
+    model.release.set()
+    replying.join(20)
+    status, headers, body = answer[0]
+    assert status == 200 and body["reply"] == "the reply"
+    assert headers["Preference-Applied"] == "wait=20"
+    state = status_of(d, f"{PATH}/messages/{body['message_id']}")[2]
+    assert state["status"] == "done" and "delivery" not in state  # never queued as a callback
+    # the next async message's callback is the first one the receiver ever gets
+    status, _, later = d.post({"user_id": "v", "message": "hello"})
+    assert status == 202
+    assert callbacks.wait_for(1)[0]["json"]["message_id"] == later["message_id"]
+
+
+def test_a_turn_that_outlives_the_wait_is_delivered_once_later(daemon, receiver):
+    model = HeldModel()
+    callbacks = receiver()
+    d = start(daemon, model, f"[channels.webhook]\noutbound_url = {callbacks.url}\n"
+                             "max_wait = 1s\n")
+    status, headers, body = d.post({"user_id": "u", "message": "hi"},
+                                   {"Prefer": "wait=30"})  # capped by max_wait
+    assert status == 202 and headers["Preference-Applied"] == "wait=1"
+    assert headers["Location"].endswith(body["message_id"])
+    model.release.set()
+    callback = callbacks.wait_for(1)[0]
+    assert callback["json"]["message_id"] == body["message_id"]
+    assert callback["json"]["reply"] == "the reply"
+    state = status_of(d, headers["Location"], "?wait=10")[2]
+    assert state["status"] == "done"
+    assert state["delivery"]["status"] in ("delivered", "pending")
+    assert len(model.requests) == 1
+
+
+def test_reply_wait_makes_waiting_the_default_and_replays_keep_the_message_id(daemon):
+    model = HeldModel()
+    d = start(daemon, model, "[channels.webhook]\nreply_wait = 20s\n")
+    key = {"Idempotency-Key": "k-1"}
+    replying, answer = in_background(lambda: d.post({"user_id": "u", "message": "hi"}, key))
+    model.wait_for(1)
+    model.release.set()
+    replying.join(20)
+    status, headers, body = answer[0]
+    assert status == 200 and body["reply"] == "the reply"
+    assert headers["Preference-Applied"] is None  # the operator's default, not asked for
+    status, headers, again = d.post({"user_id": "u", "message": "hi"}, key)
+    assert headers["Idempotent-Replayed"] == "true"
+    assert again["message_id"] == body["message_id"] and len(model.requests) == 1
+
+
+def test_a_failed_turn_answers_its_error_within_the_wait(daemon, receiver):
+    model = receiver([(500, {}, b"model crashed", 0)])
+    d = start(daemon, model)
+    status, _, body = d.post({"user_id": "u", "message": "hi"}, {"Prefer": "wait=20"})
+    assert status == 502 and body["error"]["status"] == 502
+
+
+def test_status_needs_the_secret_and_answers_404_and_422(daemon):
+    d = daemon("[limits]\nrate = 0\nuser_rate = 0\n").start()
+    _, headers, _ = d.post({"user_id": "u", "message": "hi"}, {"Prefer": "respond-async"})
+    assert d.get(headers["Location"])[0] == 401
+    status, _, body = status_of(d, f"{PATH}/messages/msg-nope")
+    assert status == 404 and body["error"]["status"] == 404
+    status, _, body = status_of(d, headers["Location"], "?wait=soon")
+    assert status == 422 and body["error"]["field"] == "wait"
+
+
+def test_malformed_prefer_is_ignored(daemon):
+    d = daemon("[limits]\nrate = 0\nuser_rate = 0\n").start()
+    for prefer in ("wait=soon", "wait=-1", "respond-async=yes", "return=minimal"):
+        status, headers, body = d.post({"user_id": "u", "message": "what is 2+2?"},
+                                       {"Prefer": prefer})
+        assert status == 200 and "4" in body["reply"], prefer
+        assert headers["Preference-Applied"] is None
