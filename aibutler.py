@@ -2959,7 +2959,8 @@ class Inbox:
             self._announce()
         return 200, result, False
 
-    def accept(self, request, key=None, wait=0, channel="webhook", status_path=None):
+    def accept(self, request, key=None, wait=0, channel="webhook", status_path=None,
+               key_field="Idempotency-Key"):
         """Commit the message durably; answer 202, or with wait > 0 the turn's
         result (200, or its error) if it is done within `wait` seconds. Returns
         (status, body, replayed)."""
@@ -2975,7 +2976,7 @@ class Inbox:
                                                               request_fingerprint(request),
                                                               delivery.idempotency_ttl)
                     if state == "mismatch":
-                        raise key_reused()
+                        raise key_reused(key_field)
                     if state != "new":
                         self.handover.forget(message_id)
                         return row["status"], json.loads(row["response"]), True
@@ -3047,9 +3048,9 @@ def unknown_session():
                          "to continue the current session", field="session_id")
 
 
-def key_reused():
-    return ApiError(422, "this idempotency key was already used for a different request",
-                    field="Idempotency-Key")
+def key_reused(field="Idempotency-Key"):
+    return ApiError(422, f"this {field} was already used for a different request",
+                    field=field)
 
 
 class WorkerPool:
@@ -3698,8 +3699,7 @@ def validate_attachments(attachments):
         if not isinstance(item, dict):
             raise ApiError(422, f"{field} must be an object {{url, type?, name?}}", field=field)
         url = item.get("url")
-        if not (isinstance(url, str) and re.fullmatch(ATTACHMENT_URL_PATTERN, url)
-                and is_http_url(url)):
+        if not is_attachment_url(url):
             raise ApiError(422, f"{field}.url must be an http(s) URL", field=field + ".url")
         entry = {"url": url}
         for key in ("type", "name"):
@@ -3709,6 +3709,11 @@ def validate_attachments(attachments):
                 entry[key] = item[key]
         checked.append(entry)
     return checked
+
+
+def is_attachment_url(url):
+    return isinstance(url, str) and bool(re.fullmatch(ATTACHMENT_URL_PATTERN, url)) \
+        and is_http_url(url)
 
 
 def is_http_url(url):
@@ -3827,7 +3832,12 @@ class WebhookResource:
         return f"{self.settings.webhook.path}/messages/{message_id}"
 
 
+TWILIO_REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")  # in every message Twilio posts
 TWILIO_LOCATION_FIELDS = ("FromCity", "FromState", "FromZip", "FromCountry")
+# Fields Twilio also posts; the signature covers them, nothing else reads them.
+TWILIO_SIGNED_ONLY_FIELDS = ("AccountSid", "MessagingServiceSid", "SmsSid", "SmsMessageSid",
+                             "SmsStatus", "NumSegments", "ApiVersion", "ToCity", "ToState",
+                             "ToZip", "ToCountry", "WaId", "ProfileName")
 
 
 class TwilioResource:
@@ -3868,13 +3878,10 @@ class TwilioResource:
         form = dict(params)
         request = validate_message(self.message(form))
         self.limits.check(request["user_id"])
-        key = form.get("MessageSid") or None
-        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
-            raise ApiError(400, f"MessageSid is longer than {IDEMPOTENCY_KEY_MAX} characters",
-                           field="MessageSid")
         twilio = self.settings.twilio
-        status, body, replayed = self.inbox.accept(request, key, wait=twilio.reply_wait,
-                                                   channel="twilio")
+        status, body, replayed = self.inbox.accept(request, form["MessageSid"],
+                                                   wait=twilio.reply_wait, channel="twilio",
+                                                   key_field="MessageSid")
         if status == 200:
             texts = twilio_reply_parts(body, twilio.error_reply)
         elif status == 202:  # the reply comes through the Messages API (or came already)
@@ -3924,26 +3931,41 @@ class TwilioResource:
 
     @staticmethod
     def message(form):
-        """Twilio's form -> the message the agent gets (validate_message checks it)."""
-        sender = form.get("From", "")
+        """Twilio's form -> the message the agent gets: 400 without a field
+        Twilio always sends, 422 naming the form's field when one is invalid
+        (so validate_message finds nothing left to refuse)."""
+        for name in TWILIO_REQUIRED_FIELDS:
+            if name not in form:
+                raise ApiError(400, f"{name} is missing: not a message as Twilio posts it",
+                               field=name)
+        sender, sid = form["From"], form["MessageSid"]
+        if not sender.strip() or len(sender) > USER_ID_MAX:
+            raise ApiError(422, f"From must be 1 to {USER_ID_MAX} characters, not blank",
+                           field="From")
+        if not form["To"].strip():  # a reply sent later goes from it
+            raise ApiError(422, "To is blank", field="To")
+        if not 0 < len(sid) <= IDEMPOTENCY_KEY_MAX:
+            raise ApiError(422, f"MessageSid must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
+                           field="MessageSid")
+        count = form.get("NumMedia", "0")
+        if not (re.fullmatch(r"[0-9]{1,9}", count) and int(count) <= ATTACHMENTS_MAX):
+            raise ApiError(422, f"NumMedia must be a number from 0 to {ATTACHMENTS_MAX}",
+                           field="NumMedia")
+        for i in range(ATTACHMENTS_MAX):  # each one given, used or not, as published
+            if f"MediaUrl{i}" in form and not is_attachment_url(form[f"MediaUrl{i}"]):
+                raise ApiError(422, f"MediaUrl{i} must be an http(s) URL", field=f"MediaUrl{i}")
         metadata = {"platform": "twilio-whatsapp" if sender.startswith("whatsapp:")
-                    else "twilio-sms", "to": form.get("To", ""),
-                    "message_sid": form.get("MessageSid", "")}
+                    else "twilio-sms", "to": form["To"], "message_sid": sid}
         for field in TWILIO_LOCATION_FIELDS:
             if form.get(field):
                 metadata["from_" + field[4:].lower()] = form[field]
-        count = form.get("NumMedia") or "0"
-        if not re.fullmatch(r"[0-9]{1,2}", count):
-            raise ApiError(400, "NumMedia must be a number", field="NumMedia")
-        attachments = [{"url": form.get(f"MediaUrl{i}"), "type": form.get(f"MediaContentType{i}")}
-                       for i in range(int(count))]
-        text = form.get("Body", "")
+        attachments = [{"url": form[f"MediaUrl{i}"], "type": form.get(f"MediaContentType{i}")}
+                       for i in range(int(count)) if f"MediaUrl{i}" in form]
+        text = form["Body"]
         message = {"user_id": sender, "metadata": metadata,
                    "message": text if text.strip() else "(no text)"}
         if attachments:
             message["attachments"] = attachments
-        if not sender.strip():
-            raise ApiError(400, "From is missing: not a message as Twilio posts it", field="From")
         return message
 
 
@@ -4304,34 +4326,117 @@ def openapi_document(settings):
     paths["/openapi.json"] = {"get": {"operationId": "openapi", "summary": "This document",
                                       "responses": {"200": answer("OpenAPI 3.1",
                                                                   {"type": "object"})}}}
+    components = {
+        "schemas": {"Message": message, "Attachment": attachment, "Reply": done,
+                    "ToolCall": tool_call, "Accepted": accepted, "Status": status,
+                    "Error": error, "ErrorDetail": error["properties"]["error"],
+                    "Callback": callback},
+        "responses": {str(code): answer(f"{HTTPStatus(code).phrase}: {meaning}",
+                                        ref("schemas", "Error"),
+                                        retry_after if code in RETRY_AFTER_STATUSES else None)
+                      for code, meaning in ERROR_MEANINGS.items()},
+        "securitySchemes": {
+            "secret": {"type": "apiKey", "in": "header", "name": "X-Aibutler-Secret",
+                       "description": "the vault's webhook_auth_secret"},
+            "signature": {"type": "apiKey", "in": "header", "name": "webhook-signature",
+                          "description": "instead of the secret: a Standard Webhooks v1 "
+                                         "signature of the body with the same secret, "
+                                         "with webhook-id and webhook-timestamp (at most "
+                                         f"{Authenticator.SIGNATURE_TOLERANCE} s off)"}}}
     for extra in OPENAPI_CHANNELS:  # other channels describe their own routes
-        paths.update(extra(settings))
+        part = extra(settings)
+        paths.update(part.get("paths", {}))
+        for kind, entries in part.get("components", {}).items():
+            components.setdefault(kind, {}).update(entries)
     return {
         "openapi": "3.1.0",
         "info": {"title": "aibutler", "version": __version__,
                  "description": "Let anything that can POST JSON talk to an AI agent."},
         "paths": paths,
-        "components": {
-            "schemas": {"Message": message, "Attachment": attachment, "Reply": done,
-                        "ToolCall": tool_call, "Accepted": accepted, "Status": status,
-                        "Error": error, "ErrorDetail": error["properties"]["error"],
-                        "Callback": callback},
-            "responses": {str(code): answer(f"{HTTPStatus(code).phrase}: {meaning}",
-                                            ref("schemas", "Error"),
-                                            retry_after if code in RETRY_AFTER_STATUSES
-                                            else None)
-                          for code, meaning in ERROR_MEANINGS.items()},
-            "securitySchemes": {
-                "secret": {"type": "apiKey", "in": "header", "name": "X-Aibutler-Secret",
-                           "description": "the vault's webhook_auth_secret"},
-                "signature": {"type": "apiKey", "in": "header", "name": "webhook-signature",
-                              "description": "instead of the secret: a Standard Webhooks v1 "
-                                             "signature of the body with the same secret, "
-                                             "with webhook-id and webhook-timestamp (at most "
-                                             f"{Authenticator.SIGNATURE_TOLERANCE} s off)"}}}}
+        "components": components}
 
 
-OPENAPI_CHANNELS = []  # (settings) -> {path: path item} of a channel's routes, if active
+def twilio_openapi(settings):
+    """The twilio channel's route, if active: the form Twilio posts (the
+    fields TwilioResource reads, with its limits), the signature, and every
+    answer it gives."""
+    if not settings.twilio_enabled:
+        return {}
+    twilio = settings.twilio
+    string = {"type": "string"}
+    error = {"$ref": "#/components/schemas/Error"}
+    retry_after = {"Retry-After": {"description": "seconds to wait before trying again",
+                                   "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+
+    def failure(code, meaning, headers=None):
+        return {"description": f"{HTTPStatus(code).phrase}: {meaning}",
+                "content": {"application/json": {"schema": error}},
+                **({"headers": headers} if headers else {})}
+
+    def field(text, **schema):
+        return dict({"type": "string", "description": text}, **schema)
+
+    fields = {
+        "MessageSid": field("the idempotency key: Twilio's retries of a message run one turn",
+                            minLength=1, maxLength=IDEMPOTENCY_KEY_MAX),
+        "From": field("the sender, the user_id (+34600111222, whatsapp:+34600111222)",
+                      minLength=1, maxLength=USER_ID_MAX, pattern=NOT_BLANK),
+        "To": field("the number written to; a reply sent later goes from it",
+                    minLength=1, pattern=NOT_BLANK),
+        "Body": field("the text; may be empty when media come"),
+        "NumMedia": {"type": "integer", "minimum": 0, "maximum": ATTACHMENTS_MAX,
+                     "description": "how many MediaUrl{i} (from 0) are attachments; "
+                                    "absent: none"}}
+    for name in TWILIO_LOCATION_FIELDS:
+        fields[name] = field(f"metadata from_{name[4:].lower()}, when not empty")
+    for i in range(ATTACHMENTS_MAX):
+        fields[f"MediaUrl{i}"] = field(f"attachment {i} when i < NumMedia",
+                                       pattern=ATTACHMENT_URL_PATTERN)
+        fields[f"MediaContentType{i}"] = field(f"attachment {i}'s media type")
+    for name in TWILIO_SIGNED_ONLY_FIELDS:
+        fields[name] = field("signed, otherwise unused")
+    form = {"type": "object", "required": list(TWILIO_REQUIRED_FIELDS), "properties": fields,
+            "additionalProperties": string,
+            "description": "Twilio's inbound message webhook. Twilio adds fields without "
+                           "notice: every field is signed, unknown ones are ignored."}
+    twiml_answer = {
+        "description": "TwiML: the reply in <Message> elements (parts of at most "
+                       f"{TWILIO_MAX_CHARS} characters) if the turn is done within "
+                       f"{twilio.reply_wait:g} s ([channels.twilio] reply_wait), or "
+                       "[channels.twilio] error_reply if it failed; else an empty "
+                       "<Response/> at once and the reply follows through the Messages API",
+        "content": {"text/xml": {"schema": string}},
+        "headers": {"Idempotent-Replayed": {"schema": {"const": "true"},
+                                            "description": "a retry of a MessageSid"}}}
+    post = {
+        "operationId": "twilioMessage", "summary": "An SMS or WhatsApp message from Twilio",
+        "security": [{"twilioSignature": []}],
+        "requestBody": {"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": form}}},
+        "responses": {
+            "200": twiml_answer,
+            "400": failure(400, "the body is not a UTF-8 form, or a required field is missing"),
+            "403": failure(403, "missing or wrong X-Twilio-Signature"),
+            "413": failure(413, "the body is larger than [server] max_body_bytes"),
+            "415": failure(415, "the Content-Type is not application/x-www-form-urlencoded"),
+            "422": failure(422, "a field is invalid (`field` names it), or the MessageSid "
+                                "was used for another message"),
+            "429": failure(429, "a rate limit ([limits]) was reached, or this address sent "
+                                "wrong signatures too often (Retry-After)", retry_after),
+            "500": failure(500, "a bug; the daemon's log has the traceback"),
+            "503": failure(503, "shutting down, queue full ([delivery] max_pending), or the "
+                                "database not writable (Retry-After)", retry_after)}}
+    scheme = {"type": "apiKey", "in": "header", "name": "X-Twilio-Signature",
+              "description": f"base64 HMAC-SHA1, keyed with the vault's {TWILIO_TOKEN_NAME}, "
+                             "of the URL Twilio called ([channels.twilio] public_url, else "
+                             "the request's) and each form field's name and value, sorted by "
+                             "name"}
+    return {"paths": {twilio.path: {"post": post}},
+            "components": {"securitySchemes": {"twilioSignature": scheme}}}
+
+
+# (settings) -> {"paths": {...}, "components": {...}} of a channel, {} if it is off
+OPENAPI_CHANNELS = [twilio_openapi]
 
 
 class OpenApiResource:

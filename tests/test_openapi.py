@@ -6,11 +6,13 @@ tests/schemathesis/run.)"""
 import json
 import re
 import socket
+import urllib.parse
 
 import aibutler
 from conftest import SECRET, auth
 
 MESSAGE = {"user_id": "alice", "message": "What time is it?"}
+TWILIO_TOKEN = "twilio-auth-token-for-openapi-tests"
 
 
 def conforms(value, schema, document, path="$"):
@@ -154,8 +156,11 @@ def test_the_running_daemon_publishes_its_contract_and_keeps_it(daemon):
 
 def test_every_route_of_the_app_is_described_and_nothing_else(app_for):
     import falcon.inspect
+    twilio = {"channels": {"active": "webhook, twilio"},
+              "twilio": {"account_sid": "AC" + "0" * 32, "path": "/in/sms"}}
     for sections in ({}, {"webhook": {"path": "/in/hook"}, "server": {"metrics_public": "true"}},
-                     {"channels": {"active": ""}}):
+                     {"channels": {"active": ""}}, twilio, dict(twilio, channels={
+                         "active": "twilio"})):
         client = app_for(**sections)
         document = client.simulate_get("/openapi.json").json
         routes = {route.path: {m.method.lower() for m in route.methods if not m.internal}
@@ -165,8 +170,8 @@ def test_every_route_of_the_app_is_described_and_nothing_else(app_for):
         for path, item in document["paths"].items():
             for method, operation in item.items():
                 codes = set(operation["responses"])
-                if operation.get("security"):
-                    assert {"401", "429"} <= codes, (path, method)
+                if operation.get("security"):  # Twilio's signature is 403, not 401
+                    assert "429" in codes and codes & {"401", "403"}, (path, method)
                 for ref in json.dumps(operation).split('"$ref": "')[1:]:
                     name = ref.split('"')[0].split("/")
                     assert name[-1] in document["components"][name[-2]], ref
@@ -188,10 +193,61 @@ def test_the_attachment_url_rule_is_the_published_one(app_for):
 
 
 def test_another_channel_adds_its_routes_through_the_hook(app_for):
-    def twilio(settings):
-        return {"/twilio": {"post": {"responses": {"200": {"description": "TwiML"}}}}}
-    aibutler.OPENAPI_CHANNELS.append(twilio)
+    def channel(settings):
+        return {"paths": {"/sms": {"post": {"responses": {"200": {"description": "ok"}}}}},
+                "components": {"securitySchemes": {"sms": {"type": "apiKey", "in": "header",
+                                                           "name": "X-Sms"}}}}
+    aibutler.OPENAPI_CHANNELS.append(channel)
     try:
-        assert "/twilio" in app_for().simulate_get("/openapi.json").json["paths"]
+        document = app_for().simulate_get("/openapi.json").json
+        assert "/sms" in document["paths"]
+        assert {"secret", "sms"} <= set(document["components"]["securitySchemes"])
     finally:
-        aibutler.OPENAPI_CHANNELS.remove(twilio)
+        aibutler.OPENAPI_CHANNELS.remove(channel)
+
+
+def test_the_twilio_route_publishes_the_form_the_resource_reads(app_for):
+    client = app_for(channels={"active": "webhook, twilio"},
+                     twilio={"account_sid": "AC" + "0" * 32})
+    document = client.simulate_get("/openapi.json").json
+    post = document["paths"]["/webhook/twilio"]["post"]
+    form = post["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"]
+    fields = form["properties"]
+    assert form["required"] == list(aibutler.TWILIO_REQUIRED_FIELDS)
+    assert fields["From"]["maxLength"] == aibutler.USER_ID_MAX
+    assert fields["MessageSid"]["maxLength"] == aibutler.IDEMPOTENCY_KEY_MAX
+    assert fields["NumMedia"]["maximum"] == aibutler.ATTACHMENTS_MAX
+    last = aibutler.ATTACHMENTS_MAX - 1
+    assert fields[f"MediaUrl{last}"]["pattern"] == aibutler.ATTACHMENT_URL_PATTERN
+    assert f"MediaUrl{last + 1}" not in fields
+    assert set(aibutler.TWILIO_LOCATION_FIELDS) <= set(fields)
+    scheme = document["components"]["securitySchemes"]["twilioSignature"]
+    assert post["security"] == [{"twilioSignature": []}]
+    assert scheme["name"] == "X-Twilio-Signature"
+    assert set(post["responses"]) == {"200", "400", "403", "413", "415", "422", "429", "500",
+                                      "503"}
+    assert "text/xml" in post["responses"]["200"]["content"]
+    for code in ("429", "503"):
+        assert "Retry-After" in post["responses"][code]["headers"]
+
+    # what the resource answers, as published: its form's fields by their names
+    def sign(body):
+        pairs = urllib.parse.parse_qsl(body, keep_blank_values=True)
+        return aibutler.twilio_signature(TWILIO_TOKEN, "http://falconframework.org"
+                                                       "/webhook/twilio", pairs)
+    client.butler.vault.set("twilio_auth_token", TWILIO_TOKEN)
+    good = {"MessageSid": "SM1", "From": "+34600111222", "To": "+15550001111", "Body": "hi"}
+    for changes, status, field in (
+            ({"From": None}, 400, "From"), ({"To": " "}, 422, "To"),
+            ({"From": "+" * (aibutler.USER_ID_MAX + 1)}, 422, "From"),
+            ({"NumMedia": str(aibutler.ATTACHMENTS_MAX + 1)}, 422, "NumMedia"),
+            ({"MediaUrl3": "ftp://x/"}, 422, "MediaUrl3"),
+            ({"MessageSid": "x" * (aibutler.IDEMPOTENCY_KEY_MAX + 1)}, 422, "MessageSid")):
+        form = {k: v for k, v in dict(good, **changes).items() if v is not None}
+        body = urllib.parse.urlencode(form)
+        answer = client.simulate_post("/webhook/twilio", body=body, headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": sign(body)})
+        assert answer.status_code == status, (changes, answer.text)
+        assert_fits(document, "/webhook/twilio", "post", status, answer.json)
+        assert answer.json["error"]["field"] == field
