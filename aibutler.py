@@ -4784,6 +4784,8 @@ class Daemon:
         self.butler.start()
         self._log_startup(server)
         self.watchdog.address = f"{server.effective_host}:{server.effective_port}"
+        if self.malloc is not None:  # what importing and starting freed goes back
+            self.malloc.trim()
         sd_notify("READY=1\nSTATUS=" + self.watchdog.status_text(), self.env)
         Maintenance(self.store, self.settings, self.watchdog, self.env, self.malloc).start(
             self.stop_requested)
