@@ -3804,15 +3804,16 @@ class WebhookResource:
                                 "characters", field="Idempotency-Key")
         webhook = self.settings.webhook
         respond_async, wait = parse_prefer(req.get_header("Prefer"))
+        asked_to_wait = wait is not None  # wait=0 too: "I cannot wait", so 202 at once
         applied = []
-        if wait is not None:
+        if asked_to_wait:
             wait = min(wait, webhook.max_wait)
             applied.append(f"wait={wait:g}")
         elif not respond_async:
             wait = min(webhook.reply_wait, webhook.max_wait)
         else:
             wait = 0
-        if respond_async or wait or self.settings.async_mode:
+        if respond_async or asked_to_wait or wait or self.settings.async_mode:
             status, body, replayed = self.inbox.accept(request, key, wait=wait,
                                                        status_path=self.status_path)
         else:

@@ -144,6 +144,13 @@ def test_status_needs_the_secret_and_answers_404_and_422(daemon):
     assert status == 422 and body["error"]["field"] == "wait"
 
 
+def test_wait_0_means_do_not_wait(daemon):
+    d = daemon("[limits]\nrate = 0\nuser_rate = 0\n").start()
+    status, headers, body = d.post({"user_id": "u", "message": "hi"}, {"Prefer": "wait=0"})
+    assert status == 202 and headers["Preference-Applied"] == "wait=0"
+    assert status_of(d, headers["Location"], "?wait=10")[2]["status"] == "done"
+
+
 def test_malformed_prefer_is_ignored(daemon):
     d = daemon("[limits]\nrate = 0\nuser_rate = 0\n").start()
     for prefer in ("wait=soon", "wait=-1", "respond-async=yes", "return=minimal"):
