@@ -3446,7 +3446,7 @@ class CallbackDispatcher(WorkerPool):
                       row["message_id"]))
 
 
-# === HTTP: limits, authentication, resources, create_app ====================
+# === HTTP: limits, authentication, resources ================================
 
 MAX_USERS_LIMITED = 10000  # token buckets kept at once (full ones are dropped first)
 
@@ -3833,6 +3833,81 @@ class WebhookResource:
         return f"{self.settings.webhook.path}/messages/{message_id}"
 
 
+def parse_prefer(header):
+    """RFC 7240's Prefer header: (respond_async, wait seconds or None). A
+    preference that is unknown or malformed is ignored, as the RFC asks."""
+    respond_async, wait = False, None
+    for preference in (header or "").split(","):
+        name, _, value = preference.split(";")[0].strip().partition("=")
+        name, value = name.strip().lower(), value.strip().strip('"')
+        if name == "respond-async" and not value:
+            respond_async = True
+        elif name == "wait" and re.fullmatch(r"[0-9]{1,9}", value):
+            wait = int(value)
+    return respond_async, wait
+
+
+WAIT_PATTERN = r"[0-9]{1,9}(\.[0-9]{1,6})?"  # ?wait=: seconds, as on a stopwatch
+
+
+class MessageResource:
+    """GET {path}/messages/{message_id}: where an accepted message stands, its
+    reply once done, and its callback's delivery. ?wait=N answers as soon as it
+    is done, or after N seconds (at most [channels.webhook] max_wait)."""
+
+    def __init__(self, settings, auth, store, handover, gate):
+        self.settings = settings
+        self.auth = auth
+        self.store = store
+        self.handover = handover
+        self.gate = gate
+
+    def on_get(self, req, resp, message_id):
+        if self.auth.check(req) == "signature":
+            self.auth.verify_signature(req, b"")
+        wait = req.get_param("wait")
+        if wait is not None:
+            if not re.fullmatch(WAIT_PATTERN, wait):
+                raise ApiError(422, "wait must be a number of seconds, like 20", field="wait")
+            wait = min(float(wait), self.settings.webhook.max_wait)
+        job, delivery = self.store.message(message_id)
+        if job is None:
+            raise ApiError(404, f"no message {message_id!r}: unknown, or its result was "
+                                "pruned ([delivery] idempotency_ttl)")
+        if wait and job["state"] != "done":
+            with self.gate.parked():
+                self.handover.watch(lambda: self._done(message_id), wait)
+            job, delivery = self.store.message(message_id)
+            if job is None:  # pruned meanwhile
+                raise ApiError(404, f"no message {message_id!r}: its result was pruned")
+        resp.media = message_status(job, delivery)
+
+    def _done(self, message_id):
+        job, _ = self.store.message(message_id)
+        return job is None or job["state"] == "done"
+
+
+def message_status(job, delivery):
+    """The status resource's body."""
+    body = {"message_id": job["message_id"], "session_id": job["session_id"],
+            "user_id": job["user_id"], "status": job["state"],
+            "created_at": iso_utc(job["created"])}
+    if job["state"] == "done":
+        result = json.loads(job["result"] or "{}")
+        body["status"] = "failed" if "error" in result else "done"
+        body["finished_at"] = iso_utc(job["finished"])
+        body.update((key, result[key]) for key in ("reply", "tool_calls", "truncated", "error")
+                    if key in result)
+    if delivery is not None:
+        state = {"sending": "pending"}.get(delivery["state"], delivery["state"])
+        body["delivery"] = {"status": state, "attempts": delivery["attempts"]}
+        if delivery["last_error"]:
+            body["delivery"]["last_error"] = delivery["last_error"]
+        if state == "pending":
+            body["delivery"]["next_attempt_at"] = iso_utc(delivery["next_attempt"])
+    return body
+
+
 TWILIO_REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")  # in every message Twilio posts
 TWILIO_LOCATION_FIELDS = ("FromCity", "FromState", "FromZip", "FromCountry")
 # Fields Twilio also posts; the signature covers them, nothing else reads them.
@@ -3970,81 +4045,6 @@ class TwilioResource:
         return message
 
 
-def parse_prefer(header):
-    """RFC 7240's Prefer header: (respond_async, wait seconds or None). A
-    preference that is unknown or malformed is ignored, as the RFC asks."""
-    respond_async, wait = False, None
-    for preference in (header or "").split(","):
-        name, _, value = preference.split(";")[0].strip().partition("=")
-        name, value = name.strip().lower(), value.strip().strip('"')
-        if name == "respond-async" and not value:
-            respond_async = True
-        elif name == "wait" and re.fullmatch(r"[0-9]{1,9}", value):
-            wait = int(value)
-    return respond_async, wait
-
-
-WAIT_PATTERN = r"[0-9]{1,9}(\.[0-9]{1,6})?"  # ?wait=: seconds, as on a stopwatch
-
-
-class MessageResource:
-    """GET {path}/messages/{message_id}: where an accepted message stands, its
-    reply once done, and its callback's delivery. ?wait=N answers as soon as it
-    is done, or after N seconds (at most [channels.webhook] max_wait)."""
-
-    def __init__(self, settings, auth, store, handover, gate):
-        self.settings = settings
-        self.auth = auth
-        self.store = store
-        self.handover = handover
-        self.gate = gate
-
-    def on_get(self, req, resp, message_id):
-        if self.auth.check(req) == "signature":
-            self.auth.verify_signature(req, b"")
-        wait = req.get_param("wait")
-        if wait is not None:
-            if not re.fullmatch(WAIT_PATTERN, wait):
-                raise ApiError(422, "wait must be a number of seconds, like 20", field="wait")
-            wait = min(float(wait), self.settings.webhook.max_wait)
-        job, delivery = self.store.message(message_id)
-        if job is None:
-            raise ApiError(404, f"no message {message_id!r}: unknown, or its result was "
-                                "pruned ([delivery] idempotency_ttl)")
-        if wait and job["state"] != "done":
-            with self.gate.parked():
-                self.handover.watch(lambda: self._done(message_id), wait)
-            job, delivery = self.store.message(message_id)
-            if job is None:  # pruned meanwhile
-                raise ApiError(404, f"no message {message_id!r}: its result was pruned")
-        resp.media = message_status(job, delivery)
-
-    def _done(self, message_id):
-        job, _ = self.store.message(message_id)
-        return job is None or job["state"] == "done"
-
-
-def message_status(job, delivery):
-    """The status resource's body."""
-    body = {"message_id": job["message_id"], "session_id": job["session_id"],
-            "user_id": job["user_id"], "status": job["state"],
-            "created_at": iso_utc(job["created"])}
-    if job["state"] == "done":
-        result = json.loads(job["result"] or "{}")
-        body["status"] = "failed" if "error" in result else "done"
-        body["finished_at"] = iso_utc(job["finished"])
-        body.update((key, result[key]) for key in ("reply", "tool_calls", "truncated", "error")
-                    if key in result)
-    if delivery is not None:
-        state = {"sending": "pending"}.get(delivery["state"], delivery["state"])
-        body["delivery"] = {"status": state, "attempts": delivery["attempts"]}
-        if delivery["last_error"]:
-            body["delivery"]["last_error"] = delivery["last_error"]
-        if state == "pending":
-            body["delivery"]["next_attempt_at"] = iso_utc(delivery["next_attempt"])
-    return body
-
-
 class HealthResource:
     def on_get(self, req, resp):
         resp.media = {"status": "ok", "version": __version__}
@@ -4140,6 +4140,8 @@ def handle_unexpected(req, resp, exc, params):
 
 
 # --- /openapi.json: the contract, built from the constants the handlers check with
+
+# === HTTP: the published contract (/openapi.json), create_app ===============
 
 NOT_BLANK = r"\S"  # user_id and message: str.strip() leaves something
 ERROR_MEANINGS = {
