@@ -322,7 +322,7 @@ def parse_account_sid(text):
     return value
 
 
-TWILIO_WAIT_MAX = 14.0  # seconds: Twilio gives up on an answer after 15 s
+TWILIO_WAIT_MAX = 13.0  # seconds: Twilio gives up on an answer after 15 s
 
 
 def parse_twilio_wait(text):
@@ -1010,13 +1010,25 @@ class Store:
             self.write_error = None
 
     def writable(self):
-        """True unless the last write failed and a probe write still fails."""
+        """True unless the last write failed and a probe write still fails. It
+        never waits (waitress's loop thread asks it, for /readyz): while the
+        database is busy, the answer is "not yet"."""
         if self.write_error is None:
             return True
-        with contextlib.suppress(sqlite3.OperationalError, sqlite3.DatabaseError):
-            with self.transaction() as db:  # pages really written, then the row is gone
-                db.execute("INSERT INTO seen_signatures VALUES ('probe', 'probe', 0)")
-                db.execute("DELETE FROM seen_signatures WHERE webhook_id='probe'")
+        if not self._db_lock.acquire(blocking=False):
+            return False
+        try:
+            with self.connection() as db:
+                db.execute("PRAGMA busy_timeout=0")  # nor for another process (the CLI)
+                try:
+                    with contextlib.suppress(sqlite3.OperationalError, sqlite3.DatabaseError):
+                        with self.transaction() as tx:  # pages really written, then gone
+                            tx.execute("INSERT INTO seen_signatures VALUES ('probe', 'probe', 0)")
+                            tx.execute("DELETE FROM seen_signatures WHERE webhook_id='probe'")
+                finally:
+                    db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
+        finally:
+            self._db_lock.release()
         return self.write_error is None
 
     def close(self):
@@ -1609,6 +1621,14 @@ def url_host(url):
     """scheme://host[:port] only: paths and queries of webhook URLs often hold tokens."""
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+
+def url_without_query(url):
+    """A URL for a log line where the path matters (which URL a signature was
+    checked against): its query, where tokens go, is only said to be there."""
+    parts = urllib.parse.urlsplit(url)
+    shown = parts._replace(query="", fragment="").geturl()
+    return shown + ("?<query not shown>" if parts.query else "")
 
 
 # === Agent: tools ===========================================================
@@ -2785,8 +2805,21 @@ class TurnGate:
                         self._wait(waiter, timeout)
                 yield
         finally:
-            if waiter is None or waiter[4]:
+            if waiter is None:
                 self._finish(user_id)
+            else:
+                self._leave(waiter)
+
+    def _leave(self, waiter):
+        """A turn that waited is over, or gave up waiting (timed out, or its
+        thread failed before its place came): its place, if it got one, goes on."""
+        with self._lock:
+            if waiter[4]:
+                self.running -= 1
+                self._users.discard(waiter[2])
+            elif waiter in self._waiting:
+                self._waiting.remove(waiter)
+            self._grant()
 
     @contextlib.contextmanager
     def parked(self):
@@ -2825,11 +2858,10 @@ class TurnGate:
         with self._lock:
             if waiter[4]:  # granted just as the wait ran out
                 return
-            self._waiting.remove(waiter)
-            self._grant()  # a later turn of another user may go now
-        raise ApiError(503, f"the model is busy: {self.running} turns are running and "
-                            f"{len(self._waiting)} more are waiting ([agent] concurrency); "
-                            "try again later", retry_after=MODEL_BUSY_RETRY_AFTER)
+            running, others = self.running, len(self._waiting) - 1
+        raise ApiError(503, f"the model is busy: {running} turns are running and {others} "
+                            "more are waiting ([agent] concurrency); try again later",
+                       retry_after=MODEL_BUSY_RETRY_AFTER)
 
     def _finish(self, user_id):
         with self._lock:
@@ -2877,17 +2909,20 @@ class Handover:
         deadline = time.monotonic() + seconds
         with self._changed:
             slot = self._takers.get(message_id)
-            while slot is not None and not slot:
+            while slot is not None and not slot and self._takers.get(message_id) is slot:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._changed.wait(left)
-            self._takers.pop(message_id, None)
+            if self._takers.get(message_id) is slot:
+                self._takers.pop(message_id)
             return slot[0] if slot else None
 
     def forget(self, message_id):
+        """Nobody takes this message's result (a waiter stops waiting at once)."""
         with self._changed:
-            self._takers.pop(message_id, None)
+            if self._takers.pop(message_id, None) is not None:
+                self._changed.notify_all()
 
     def finish(self, message_id, body, store):
         """store(taken) keeps the result, with its delivery unless a sender took it."""
@@ -2967,6 +3002,7 @@ class Inbox:
         user_id = request["user_id"]
         delivery = self.settings.delivery
         message_id = new_id("msg")
+        replay = None
         if wait > 0:
             self.handover.expect(message_id)
         try:
@@ -2977,33 +3013,54 @@ class Inbox:
                                                               delivery.idempotency_ttl)
                     if state == "mismatch":
                         raise key_reused(key_field)
-                    if state != "new":
-                        self.handover.forget(message_id)
-                        return row["status"], json.loads(row["response"]), True
-                if self.store.pending_jobs() >= delivery.max_pending:
-                    raise ApiError(503, f"the queue is full ({delivery.max_pending} messages "
-                                        "waiting); try again later",
-                                   retry_after=QUEUE_FULL_RETRY_AFTER)
-                session_id = self.store.resolve_session(user_id, request.get("session_id"),
-                                                        self.settings.sessions.idle_timeout, db)
-                if session_id is None:
-                    raise unknown_session()
-                self.store.add_job(db, message_id, user_id, session_id, request, channel)
-                body = {"status": "accepted", "session_id": session_id, "message_id": message_id}
-                if status_path:
-                    body["status_url"] = status_path(message_id)
-                if key:
-                    self.store.idempotency_finish(db, user_id, key, 202, body)
+                    if state == "pending":  # a sync request with this key is running
+                        raise ApiError(409, "a request with this idempotency key is still "
+                                            "being processed; try again later",
+                                       retry_after=STILL_RUNNING_RETRY_AFTER)
+                    if state == "done":
+                        replay = row["status"], json.loads(row["response"])
+                if replay is None:
+                    body = self._add(db, request, message_id, channel, status_path)
+                    if key:
+                        self.store.idempotency_finish(db, user_id, key, 202, body)
         except BaseException:
             self.handover.forget(message_id)
             raise
+        if replay is not None:
+            # Never called inside the transaction: Handover.finish takes its lock
+            # first and the database's second. A sender that retried may have
+            # given up on the first request, still waiting for the reply: the
+            # reply goes where a 202 sends it (callback, Messages API) instead.
+            self.handover.forget(message_id)
+            self.handover.forget(replay[1].get("message_id"))
+            return replay + (True,)
         self.workers.notify()
         if wait > 0:
-            with self.gate.parked():
-                result = self.handover.take(message_id, wait)
+            try:
+                with self.gate.parked():
+                    result = self.handover.take(message_id, wait)
+            except BaseException:
+                self.handover.forget(message_id)
+                raise
             if result is not None:
                 return result_answer(result) + (False,)
         return 202, body, False
+
+    def _add(self, db, request, message_id, channel, status_path):
+        """Inside accept's transaction: the job, and the 202's body."""
+        user_id, delivery = request["user_id"], self.settings.delivery
+        if self.store.pending_jobs() >= delivery.max_pending:
+            raise ApiError(503, f"the queue is full ({delivery.max_pending} messages "
+                                "waiting); try again later", retry_after=QUEUE_FULL_RETRY_AFTER)
+        session_id = self.store.resolve_session(user_id, request.get("session_id"),
+                                                self.settings.sessions.idle_timeout, db)
+        if session_id is None:
+            raise unknown_session()
+        self.store.add_job(db, message_id, user_id, session_id, request, channel)
+        body = {"status": "accepted", "session_id": session_id, "message_id": message_id}
+        if status_path:
+            body["status_url"] = status_path(message_id)
+        return body
 
     def _claim_key(self, request, key):
         """Own the key (returns None) or return the stored answer, waiting while
@@ -3011,6 +3068,10 @@ class Inbox:
         user_id = request["user_id"]
         fingerprint = request_fingerprint(request)
         deadline = time.monotonic() + turn_time_limit(self.settings)
+        with self.gate.parked():  # the first may take minutes: other requests go on
+            return self._wait_for_key(user_id, key, fingerprint, deadline)
+
+    def _wait_for_key(self, user_id, key, fingerprint, deadline):
         while True:
             with self.store.transaction() as db:
                 state, row = self.store.idempotency_begin(db, user_id, key, fingerprint,
@@ -3102,16 +3163,20 @@ class WorkerPool:
         thread = threading.Thread(target=self._loop, name=f"{self.name}-{self._started}",
                                   daemon=True)
         self._started += 1
-        self._threads.append(thread)
         thread.start()
+        self._threads.append(thread)
 
     def park(self):
-        """This thread is about to wait a long time: start a spare if allowed."""
+        """This thread is about to wait a long time: start a spare if allowed
+        (if the system will not start one, the pool just has one free thread less)."""
         with self._threads_lock:
             self._parked += 1
             if (not self._stopping.is_set() and len(self._threads) - self._parked < self.count
                     and len(self._threads) < self.most()):
-                self._start_thread()
+                try:
+                    self._start_thread()
+                except RuntimeError as exc:  # "can't start new thread": out of memory
+                    log.warning("%s: no spare thread: %s", self.name, exc)
 
     def unpark(self):
         with self._threads_lock:
@@ -3955,8 +4020,12 @@ class TwilioResource:
         request = validate_message(self.message(form))
         self.limits.check(request["user_id"])
         twilio = self.settings.twilio
+        # Twilio's 15 s run from its request, not from here: time spent queued,
+        # reading and committing counts against reply_wait.
+        spent = time.monotonic() - getattr(req.context, "started", time.monotonic())
         status, body, replayed = self.inbox.accept(request, form["MessageSid"],
-                                                   wait=twilio.reply_wait, channel="twilio",
+                                                   wait=max(0.0, twilio.reply_wait - spent),
+                                                   channel="twilio",
                                                    key_field="MessageSid")
         if status == 200:
             texts = twilio_reply_parts(body, twilio.error_reply)
@@ -3981,7 +4050,7 @@ class TwilioResource:
             return
         why = ("no X-Twilio-Signature header" if not given else
                f"no {TWILIO_TOKEN_NAME} in the vault" if not token else "wrong X-Twilio-Signature")
-        error = self.auth.failed(req, f"{why}; checked against URL {url} (if Twilio calls "
+        error = self.auth.failed(req, f"{why}; checked against URL {url_without_query(url)} (if Twilio calls "
                                       "another URL, set [channels.twilio] public_url to it)")
         if error.status == 401:
             error = ApiError(403, "missing or wrong X-Twilio-Signature")
@@ -4810,8 +4879,8 @@ class Daemon:
             log.info("channels: webhook at %s (%s)", settings.webhook.path, mode)
         if settings.twilio_enabled:
             log.info("channels: twilio at %s (signatures checked against %s)",
-                     settings.twilio.path, settings.twilio.public_url
-                     or "the URL each request was sent to")
+                     settings.twilio.path, url_without_query(settings.twilio.public_url)
+                     if settings.twilio.public_url else "the URL each request was sent to")
         if not settings.webhook_enabled and not settings.twilio_enabled:
             log.info("channels: none active (enable [channels.webhook])")
         if "webhook_send" in self.butler.tools.tools:
@@ -4918,8 +4987,11 @@ class RequestThreads:
             self.parked += 1
             self._peak = max(self._peak, self.free + self.parked)
             if self._peak > self.size and not self._closed:
-                self.size = self._peak
-                self.dispatcher.set_thread_count(self.size)
+                try:
+                    self.dispatcher.set_thread_count(self._peak)
+                except RuntimeError as exc:  # "can't start new thread": out of memory
+                    log.warning("request threads: no spare thread: %s", exc)
+                self.size = len(self.dispatcher.threads) - self.dispatcher.stop_count
 
     def unpark(self):
         with self._lock:
@@ -5188,9 +5260,13 @@ def setup_logging(level, env=None):
     logging._srcfile = None
 
 
+THREAD_STACK_BYTES = 1 << 20  # 1 MiB: hundreds of parked threads fit a 32-bit Pi's memory
+
+
 def cmd_run(args):
     malloc = GlibcMalloc()
     malloc.limit_arenas()  # before any thread starts
+    threading.stack_size(THREAD_STACK_BYTES)  # not the 8 MB default: threads come and go
     try:
         load_web_stack()
     except ImportError as exc:

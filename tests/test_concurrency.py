@@ -201,3 +201,27 @@ def test_spare_request_threads_end_once_not_needed_for_a_while():
         assert len(dispatcher.threads) == 3
     finally:
         dispatcher.shutdown(timeout=5)
+
+
+def test_a_turn_whose_thread_fails_while_waiting_gives_its_place_back():
+    class Settings:
+        agent = type("Agent", (), {"concurrency": 1})
+
+    class NoSpareThreads:  # as when the system cannot start another thread
+        def park(self):
+            raise RuntimeError("can't start new thread")
+
+        def unpark(self):
+            pass
+
+    gate = aibutler.TurnGate(Settings(), remote=lambda: False)
+    with gate.turn("first", time.time()):
+        gate.pools.pool = NoSpareThreads()
+        with pytest.raises(RuntimeError):
+            with gate.turn("second", time.time()):
+                pass
+        gate.pools.pool = None
+        assert gate.waiting() == 0  # it left the line
+    assert gate.running == 0
+    with gate.turn("second", time.time()):  # nobody's place is lost: the user can go on
+        assert gate.running == 1

@@ -158,3 +158,33 @@ def test_malformed_prefer_is_ignored(daemon):
                                        {"Prefer": prefer})
         assert status == 200 and "4" in body["reply"], prefer
         assert headers["Preference-Applied"] is None
+
+
+def test_a_retry_while_the_first_request_waits_gets_the_reply_delivered(daemon, receiver):
+    model = HeldModel()
+    callbacks = receiver()
+    d = start(daemon, model, f"[channels.webhook]\noutbound_url = {callbacks.url}\n")
+    key = {"Prefer": "wait=20", "Idempotency-Key": "k-7"}
+    first, first_answer = in_background(lambda: d.post({"user_id": "u", "message": "hi"}, key))
+    model.wait_for(1)  # the first request waits for the turn; its sender gives up and retries
+    status, headers, body = d.post({"user_id": "u", "message": "hi"}, key)
+    assert status == 202 and headers["Idempotent-Replayed"] == "true"
+    first.join(20)
+    assert first_answer[0][0] == 202  # it stops waiting: the reply goes as the 202 promised
+    model.release.set()
+    callback = callbacks.wait_for(1)[0]["json"]
+    assert callback["message_id"] == body["message_id"] and callback["reply"] == "the reply"
+
+
+def test_a_key_held_by_a_running_sync_request_is_a_409_for_an_async_one(daemon):
+    model = HeldModel()
+    d = start(daemon, model)
+    key = {"Idempotency-Key": "k-9"}
+    first, answer = in_background(lambda: d.post({"user_id": "u", "message": "hi"}, key))
+    model.wait_for(1)
+    status, headers, body = d.post({"user_id": "u", "message": "hi"},
+                                   dict(key, Prefer="respond-async"))
+    assert status == 409 and headers["Retry-After"] and body["error"]["status"] == 409
+    model.release.set()
+    first.join(20)
+    assert answer[0][0] == 200

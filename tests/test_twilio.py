@@ -119,7 +119,7 @@ def test_config_errors_stop_the_daemon_with_78(daemon, tmp_path):
             ("[channels]\nactive = twilio\n", "account_sid is empty"),
             (f"[channels]\nactive = twilio\n[channels.twilio]\naccount_sid = {SID}x\n",
              "Account SID"),
-            (f"[channels.twilio]\naccount_sid = {SID}\nreply_wait = 20s\n", "at most 14s"),
+            (f"[channels.twilio]\naccount_sid = {SID}\nreply_wait = 20s\n", "at most 13s"),
             (f"[channels]\nactive = webhook, twilio\n[channels.twilio]\naccount_sid = {SID}\n"
              "path = /webhook/custom\n", "path is taken")]:
         with pytest.raises(aibutler.ConfigError, match=words):
