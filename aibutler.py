@@ -851,6 +851,9 @@ def is_storage_failure(exc):
     return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
 
 
+UNSYNCED = "committed, not synced:"  # what a failed group-commit fsync says first
+
+
 def storage_problem(exc):
     """What went wrong, in words an operator (and a sender) can act on."""
     text = str(exc).lower()
@@ -990,7 +993,7 @@ class Store:
                     self.slow_disk = time.monotonic() - started > self.SLOW_FSYNC
                 except OSError as exc:  # a 503 like any failed write, and /readyz says so
                     self.write_error = storage_problem(exc)
-                    raise sqlite3.OperationalError(f"disk I/O error: {exc}") from None
+                    raise sqlite3.OperationalError(f"{UNSYNCED} disk I/O error: {exc}") from None
                 finally:
                     self._synced.acquire()
                     self._syncing = False
@@ -4199,6 +4202,11 @@ def handle_storage_error(req, resp, exc, params):
         return
     problem = storage_problem(exc)
     log.error("storage: %s: %s", problem, one_line(exc))
+    if str(exc).startswith(UNSYNCED):  # COMMIT worked, the fsync after it did not
+        write_error(resp, 503, f"the message may not have been stored: {problem}; try again "
+                               "later with the same Idempotency-Key, so that it runs once",
+                    retry_after=STORAGE_RETRY_AFTER)
+        return
     write_error(resp, 503, f"the message was not stored: {problem}; try again later",
                 retry_after=STORAGE_RETRY_AFTER)
 

@@ -4,6 +4,7 @@ idempotency, bounds and graceful stop, against real daemons and receivers."""
 import base64
 import collections
 import concurrent.futures
+import errno
 import signal
 import os
 import threading
@@ -12,7 +13,7 @@ import time
 import pytest
 
 import aibutler
-from conftest import SECRET, held, make_config, ok, openai_text
+from conftest import SECRET, auth, held, make_config, ok, openai_text
 
 FAST = "retry_schedule = 100ms, 100ms, 100ms, 100ms, 100ms\n"
 
@@ -397,3 +398,24 @@ def test_a_turn_done_before_its_sender_waits_is_still_handed_over():
     assert handover.take("msg-2", 0) is None  # gave up waiting: the result is delivered
     handover.finish("msg-2", {"reply": "later"}, taken.append)
     assert taken == [True, False]
+
+
+def test_a_failed_fsync_after_commit_says_the_message_may_be_stored(tmp_path, vault, receiver):
+    """The COMMIT went through, the fsync that makes it durable did not: the
+    503 must not claim that nothing was stored, and tells how to retry safely."""
+    from falcon import testing
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    store = aibutler.Store(str(tmp_path / "eio.db"), fsync=failing_fsync)
+    config = make_config(webhook={"outbound_url": receiver().url},
+                         limits={"rate": "0", "user_rate": "0"})
+    butler = aibutler.Butler(config, vault, store)
+    try:
+        answer = testing.TestClient(butler.app()).simulate_post(
+            "/webhook/custom", headers=auth(), json={"user_id": "u", "message": "hi"})
+        assert answer.status_code == 503 and answer.headers["Retry-After"]
+        description = answer.json["error"]["description"]
+        assert "may not have been stored" in description and "Idempotency-Key" in description
+    finally:
+        store.close()
