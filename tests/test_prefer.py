@@ -188,3 +188,18 @@ def test_a_key_held_by_a_running_sync_request_is_a_409_for_an_async_one(daemon):
     model.release.set()
     first.join(20)
     assert answer[0][0] == 200
+
+
+def test_results_are_kept_for_the_idempotency_ttl_then_pruned(app_for, store):
+    client = app_for()
+    client.butler.start()  # its turn workers
+    headers = {"X-Aibutler-Secret": SECRET, "Prefer": "wait=10"}
+    answer = client.simulate_post(PATH, headers=headers, json={"user_id": "u", "message": "hi"})
+    assert answer.status_code == 200
+    location = f"{PATH}/messages/{answer.json['message_id']}"
+    auth = {"X-Aibutler-Secret": SECRET}
+    store.prune(idempotency_ttl=3600, max_history=20)  # younger than the ttl: kept
+    assert client.simulate_get(location, headers=auth).json["status"] == "done"
+    store.prune(idempotency_ttl=-1, max_history=20)  # older than the ttl: gone
+    gone = client.simulate_get(location, headers=auth)
+    assert gone.status_code == 404 and gone.json["error"]["status"] == 404
