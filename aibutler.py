@@ -1378,6 +1378,8 @@ class Metrics:
         "aibutler_deliveries_pending": ("gauge", "Callbacks waiting to be delivered."),
         "aibutler_turns_running": ("gauge", "Turns under way ([agent] concurrency at most)."),
         "aibutler_turns_waiting": ("gauge", "Turns waiting for a place at the model."),
+        "aibutler_requests_waiting": ("gauge", "Requests waiting for a reply (Prefer: wait, "
+                                               "long polls of a message's status)."),
     }
 
     def __init__(self):
@@ -2900,6 +2902,14 @@ class Handover:
         self._changed = threading.Condition()
         self._takers = {}  # message_id -> [] until the result is put in it
         self._finished = 0  # results stored so far (pollers wait for a change)
+        self._released = False  # stopping: nobody waits any more
+        self.waiting = 0  # requests waiting here now (a gauge in /metrics)
+
+    def release(self):
+        """The daemon stops: waiting senders answer now (202, or the status as it is)."""
+        with self._changed:
+            self._released = True
+            self._changed.notify_all()
 
     def expect(self, message_id):
         """Before the message is committed: its result will be waited for."""
@@ -2912,11 +2922,14 @@ class Handover:
         deadline = time.monotonic() + seconds
         with self._changed:
             slot = self._takers.get(message_id)
-            while slot is not None and not slot and self._takers.get(message_id) is slot:
+            self.waiting += 1
+            while (slot is not None and not slot and self._takers.get(message_id) is slot
+                   and not self._released):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._changed.wait(left)
+            self.waiting -= 1
             if self._takers.get(message_id) is slot:
                 self._takers.pop(message_id)
             return slot[0] if slot else None
@@ -2948,10 +2961,12 @@ class Handover:
                 return True
             with self._changed:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._released:
                     return False
                 if self._finished == seen:
+                    self.waiting += 1
                     self._changed.wait(left)
+                    self.waiting -= 1
 
 
 class Inbox:
@@ -3910,8 +3925,8 @@ def parse_prefer(header):
         name, value = name.strip().lower(), value.strip().strip('"')
         if name == "respond-async" and not value:
             respond_async = True
-        elif name == "wait" and re.fullmatch(r"[0-9]{1,9}", value):
-            wait = int(value)
+        elif name == "wait" and wait is None and re.fullmatch(r"[0-9]{1,9}", value):
+            wait = int(value)  # the first one counts (RFC 7240, 2)
     return respond_async, wait
 
 
@@ -4349,8 +4364,9 @@ def openapi_document(settings):
             "schema": ref("schemas", "Message")}}},
         "responses": responses({
             "200": answer("the reply", ref("schemas", "Reply"), replay_headers),
-            "202": dict(answer("accepted: the reply comes as a callback to [channels.webhook] "
-                               "outbound_url and at status_url", ref("schemas", "Accepted"),
+            "202": dict(answer("accepted: the reply comes at status_url"
+                               + (" and as a callback to [channels.webhook] outbound_url"
+                                  if settings.async_mode else ""), ref("schemas", "Accepted"),
                                dict(replay_headers, Location={"schema": string})),
                         links={"status": {"operationId": "getMessage", "parameters": {
                             "message_id": "$response.body#/message_id"}}})},
@@ -4587,6 +4603,7 @@ class Butler:
                       lambda: store.delivery_counts().get("pending", 0))
         metrics.gauge("aibutler_turns_running", lambda: self.gate.running)
         metrics.gauge("aibutler_turns_waiting", self.gate.waiting)
+        metrics.gauge("aibutler_requests_waiting", lambda: self.handover.waiting)
         self._started = False
 
     def app(self):
@@ -4959,13 +4976,17 @@ class Daemon:
         sd_notify("STOPPING=1\nSTATUS=stopping", self.env)
         deadline = time.monotonic() + self.settings.server.shutdown_timeout
         self.butler.stopping.set()
+        self.butler.handover.release()  # long polls and Prefer waits answer now
         server.accepting = False
-        server.close()  # stop listening: new connections are refused, not left hanging
+        # Stop listening (new connections are refused, not left hanging), but keep
+        # waitress's trigger: requests still running pull it when they are done.
+        server.asyncore.dispatcher.close(server)
         while time.monotonic() < deadline and (self.inflight or pending_output(server)):
             self._poll(server, 0.05)
         self.request_threads.close()
         self.butler.stop(deadline)
         server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
+        server.trigger.close()
         self.store.close()
         log.info("stopped")
 

@@ -2,7 +2,9 @@
 the reply per request with RFC 7240's Prefer (wait=N, respond-async), every
 202 points at GET {path}/messages/{id}, which long-polls with ?wait=N."""
 
+import signal
 import threading
+import time
 
 from conftest import SECRET, Recorder, ok, openai_text
 
@@ -31,6 +33,19 @@ def start(daemon, model, extra=""):
 
 def status_of(d, location, query=""):
     return d.get(location + query, {"X-Aibutler-Secret": SECRET})
+
+
+def gauge(d, name):
+    text = d.get("/metrics", {"X-Aibutler-Secret": SECRET})[2]
+    return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines()
+                      if line.startswith(name + " ")))
+
+
+def until(check, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.02)
 
 
 def in_background(call):
@@ -203,3 +218,19 @@ def test_results_are_kept_for_the_idempotency_ttl_then_pruned(app_for, store):
     store.prune(idempotency_ttl=-1, max_history=20)  # older than the ttl: gone
     gone = client.simulate_get(location, headers=auth)
     assert gone.status_code == 404 and gone.json["error"]["status"] == 404
+
+
+def test_a_stop_answers_waiting_long_polls_at_once_and_logs_no_error(daemon):
+    model = HeldModel()
+    d = start(daemon, model)
+    _, headers, _ = d.post({"user_id": "u", "message": "hi"}, {"Prefer": "respond-async"})
+    model.wait_for(1)
+    poll, answer = in_background(lambda: status_of(d, headers["Location"], "?wait=25"))
+    until(lambda: gauge(d, "aibutler_requests_waiting") == 1)
+    d.proc.send_signal(signal.SIGTERM)
+    poll.join(10)  # answered by the stop, not by the end of its 25 s
+    status, _, state = answer[0]
+    assert status == 200 and state["status"] in ("queued", "running")
+    model.release.set()  # the turn in hand finishes within shutdown_timeout
+    assert d.wait(20) == 0
+    assert "Traceback" not in d.log and " ERROR " not in d.log
