@@ -2785,13 +2785,14 @@ class TurnGate:
         self.remote = remote  # () -> True when turns wait on a model server
         self.pools = threading.local()
         self._lock = threading.Lock()
-        self._waiting = []  # [arrived, tiebreak, user_id, Event, granted], sorted
+        self._waiting = []  # [arrived, tiebreak, user_id, Event, granted, message_id], sorted
         self._tiebreak = itertools.count()
         self._users = set()  # users with a turn in progress
         self.running = 0
 
     @contextlib.contextmanager
-    def turn(self, user_id, arrived, timeout=None, while_waiting=contextlib.nullcontext):
+    def turn(self, user_id, arrived, timeout=None, while_waiting=contextlib.nullcontext,
+             message_id=None):
         """Hold a place for one turn of user_id, whose message arrived at
         `arrived` (time.time()). A wait longer than timeout raises 503 (only
         sync turns have a sender waiting); the wait happens inside
@@ -2801,7 +2802,8 @@ class TurnGate:
             if self._may_start(user_id, arrived):
                 self._start(user_id)
             else:
-                waiter = [arrived, next(self._tiebreak), user_id, threading.Event(), False]
+                waiter = [arrived, next(self._tiebreak), user_id, threading.Event(), False,
+                          message_id]
                 bisect.insort(self._waiting, waiter)
         try:
             with self.parked() if waiter is not None or self.remote() else contextlib.nullcontext():
@@ -2841,6 +2843,10 @@ class TurnGate:
 
     def waiting(self):
         return len(self._waiting)
+
+    def is_waiting(self, message_id):
+        """Whether this message's turn waits for a place (its status: queued)."""
+        return any(waiter[5] == message_id for waiter in list(self._waiting))
 
     def regrant(self):
         """After a reload: a larger limit lets waiting turns start now."""
@@ -3363,7 +3369,8 @@ class TurnWorkers(WorkerPool):
         body = {"session_id": job["session_id"], "in_reply_to": job["user_id"],
                 "message_id": job["message_id"]}
         try:
-            with self.gate.turn(job["user_id"], job["created"], while_waiting=self.unwatched):
+            with self.gate.turn(job["user_id"], job["created"], while_waiting=self.unwatched,
+                                message_id=job["message_id"]):
                 result = self.agent.run_turn(request, job["session_id"], job["message_id"])
             body.update(reply=result["reply"], tool_calls=result["tool_calls"])
             if result.get("truncated"):
@@ -3963,17 +3970,19 @@ class MessageResource:
             job, delivery = self.store.message(message_id)
             if job is None:  # pruned meanwhile
                 raise ApiError(404, f"no message {message_id!r}: its result was pruned")
-        resp.media = message_status(job, delivery)
+        resp.media = message_status(job, delivery, self.gate.is_waiting(message_id))
 
     def _done(self, message_id):
         job, _ = self.store.message(message_id)
         return job is None or job["state"] == "done"
 
 
-def message_status(job, delivery):
-    """The status resource's body."""
+def message_status(job, delivery, waiting_for_a_place=False):
+    """The status resource's body. A job a worker holds while its turn waits
+    for a place at the model (TurnGate) is still queued."""
+    state = "queued" if job["state"] == "running" and waiting_for_a_place else job["state"]
     body = {"message_id": job["message_id"], "session_id": job["session_id"],
-            "user_id": job["user_id"], "status": job["state"],
+            "user_id": job["user_id"], "status": state,
             "created_at": iso_utc(job["created"])}
     if job["state"] == "done":
         result = json.loads(job["result"] or "{}")

@@ -88,10 +88,16 @@ def test_concurrency_caps_model_calls_and_the_rest_start_in_arrival_order(
     callbacks = receiver()
     d = daemon(model_config(model, 2, f"[channels.webhook]\noutbound_url = {callbacks.url}\n"))
     d.start()
+    accepted = []
     for n in range(6):  # each accepted before the next is sent: a known arrival order
-        assert d.post({"user_id": f"user{n}", "message": f"m{n}"})[0] == 202
+        status, _, body = d.post({"user_id": f"user{n}", "message": f"m{n}"})
+        assert status == 202
+        accepted.append(body["status_url"])
     model.wait_for(2)
     assert sorted(model.users()) == ["m0", "m1"]
+    until(lambda: gauge(d, "aibutler_turns_waiting") == 2)
+    states = [d.get(url, {"X-Aibutler-Secret": SECRET})[2]["status"] for url in accepted]
+    assert states == ["running"] * 2 + ["queued"] * 4  # waiting at the gate is still queued
     for n in range(4):  # each answer frees one place: the earliest waiting turn takes it
         # the 2 free turn workers hold the next messages at the gate; the rest wait in sqlite
         until(lambda: gauge(d, "aibutler_turns_waiting") == min(2, 4 - n))
