@@ -2936,7 +2936,7 @@ class Handover:
                     break
                 self._changed.wait(left)
             self.waiting -= 1
-            if self._takers.get(message_id) is slot:
+            if slot is not None and self._takers.get(message_id) is slot:
                 self._takers.pop(message_id)
             return slot[0] if slot else None
 

@@ -234,3 +234,11 @@ def test_a_stop_answers_waiting_long_polls_at_once_and_logs_no_error(daemon):
     model.release.set()  # the turn in hand finishes within shutdown_timeout
     assert d.wait(20) == 0
     assert "Traceback" not in d.log and " ERROR " not in d.log
+
+
+def test_a_waiter_whose_message_was_handed_elsewhere_stops_without_an_error():
+    import aibutler
+    handover = aibutler.Handover()
+    handover.expect("msg-1")
+    handover.forget("msg-1")  # a retry of the same key took over before the wait began
+    assert handover.take("msg-1", 0.01) is None  # nothing to take, and no error
