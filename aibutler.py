@@ -2297,7 +2297,12 @@ class HTTPModel:
         self.key_name = agent_config.api_key_name or self.default_key_name
 
     def api_key(self):
-        return self.vault.get(self.key_name)
+        key = self.vault.get(self.key_name)
+        if key and any(ord(c) < 32 or ord(c) == 127 for c in key):
+            # http.client would refuse the header and quote it, key and all, into the log
+            raise ApiError(502, f"the vault's {self.key_name} holds control characters (a "
+                                "newline in the value?); store it again")
+        return key
 
     def post(self, url, payload, headers):
         """POST JSON and return the parsed answer; every failure is an ApiError."""
@@ -5369,6 +5374,9 @@ def cmd_vault_set(args):
               file=sys.stderr)
     if not value:
         return fail("refusing to store an empty value")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return fail("refusing to store a value with control characters (a newline or tab "
+                    "inside it?): it goes into HTTP headers, where they cannot be")
     vault = open_vault()
     vault.set(args.name, value)
     print(f"aibutler: stored {args.name} in {vault.path}", file=sys.stderr)

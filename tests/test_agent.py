@@ -260,3 +260,16 @@ def test_tool_names_are_accepted_by_model_apis():
     with pytest.raises(ValueError):
         aibutler.Tool("bad.name", "", {}, None)
     assert make_config().agent.max_steps == 8
+
+
+def test_a_key_with_a_newline_is_a_502_that_never_shows_the_key(daemon, receiver):
+    model = receiver([ok(openai_text("never asked"))])
+    broken = "sk-part-one\nsk-part-two"  # as a credential file with two lines would give
+    d = daemon(f"[agent]\nprovider = openai\nbase_url = {model.url}\n",
+               env={"AIBUTLER_OPENAI_API_KEY": broken})
+    d.start()
+    status, _, body = d.post({"user_id": "u", "message": "hi"})
+    assert status == 502 and "control characters" in body["error"]["description"]
+    assert "sk-part" not in str(body) and len(model.requests) == 0
+    assert d.stop() == 0
+    assert "sk-part" not in d.log

@@ -47,6 +47,10 @@ def test_vault_set_get_list_delete(daemon):
     assert d.cli("vault", "get", "other", check=False).returncode == 1
     assert d.cli("vault", "delete", "other", check=False).returncode == 1
     assert d.cli("vault", "set", "empty", input="  \n", check=False).returncode == 1
+    pasted = d.cli("vault", "set", "openai_api_key", input="sk-one\nsk-two\n", check=False)
+    assert pasted.returncode == 1 and "control characters" in pasted.stderr
+    assert "sk-one" not in pasted.stderr  # the value is never echoed
+    assert d.cli("vault", "get", "openai_api_key").stdout == "sk-test-123\n"  # kept
 
 
 def test_vault_lookup_order_env_then_credential_then_file(tmp_path):
