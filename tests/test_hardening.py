@@ -588,7 +588,7 @@ def test_a_key_with_a_newline_never_reaches_a_body_or_the_log(app_for, vault, re
     result = client.simulate_post("/webhook/custom", json={"user_id": "u", "message": "hi"},
                                   headers={"X-Aibutler-Secret": SECRET,
                                            "Content-Type": "application/json"})
-    assert result.status_code == 502 and "cannot send the request" in result.text
+    assert result.status_code == 502 and "openai_api_key holds control characters" in result.text
     assert "LEAKED" not in result.text and "LEAKED" not in caplog.text
     assert model.requests == []
 
