@@ -3043,9 +3043,7 @@ class Inbox:
                     if state == "mismatch":
                         raise key_reused(key_field)
                     if state == "pending":  # a sync request with this key is running
-                        raise ApiError(409, "a request with this idempotency key is still "
-                                            "being processed; try again later",
-                                       retry_after=STILL_RUNNING_RETRY_AFTER)
+                        raise still_running()
                     if state == "done":
                         replay = row["status"], json.loads(row["response"])
                 if replay is None:
@@ -3112,9 +3110,7 @@ class Inbox:
             if state == "done":
                 return row["status"], json.loads(row["response"]), True
             if time.monotonic() > deadline:
-                raise ApiError(409, "a request with this idempotency key is still being "
-                                    "processed; try again later",
-                               retry_after=STILL_RUNNING_RETRY_AFTER)
+                raise still_running()
             with self._finished:
                 self._finished.wait(self.RECHECK_EVERY)
 
@@ -3136,6 +3132,11 @@ def unknown_session():
     """404, as for any id that names nothing: the message itself was valid."""
     return ApiError(404, "session_id does not name a session of this user_id; leave it out "
                          "to continue the current session", field="session_id")
+
+
+def still_running():
+    return ApiError(409, "a request with this idempotency key is still being processed; "
+                         "try again later", retry_after=STILL_RUNNING_RETRY_AFTER)
 
 
 def key_reused(field="Idempotency-Key"):
@@ -3862,6 +3863,19 @@ def body_too_large(limit):
     return ApiError(413, f"the body is larger than {limit} bytes ([server] max_body_bytes)")
 
 
+def read_body(req, limit):
+    """The body, at most `limit` bytes; 413 past it (with no or a false Content-Length)."""
+    raw = req.bounded_stream.read(limit + 1)
+    if len(raw) > limit:
+        raise body_too_large(limit)
+    return raw
+
+
+def shutting_down():
+    return ApiError(503, "the daemon is shutting down; try again shortly",
+                    retry_after=SHUTDOWN_RETRY_AFTER)
+
+
 class WebhookResource:
     """POST /webhook/custom: authenticate, bound, parse, validate, limit, then run
     the turn (sync) or queue it (async)."""
@@ -3875,8 +3889,7 @@ class WebhookResource:
 
     def on_post(self, req, resp):
         if self.stopping.is_set():
-            raise ApiError(503, "the daemon is shutting down; try again shortly",
-                           retry_after=SHUTDOWN_RETRY_AFTER)
+            raise shutting_down()
         how = self.auth.check(req)
         limit = self.settings.server.max_body_bytes
         if req.content_length is not None and req.content_length > limit:
@@ -3884,9 +3897,7 @@ class WebhookResource:
         if not is_json_media_type(req.content_type):
             raise ApiError(415, "send Content-Type: application/json. Twilio's form posts "
                                 "go to the twilio channel ([channels.twilio]); see the README")
-        raw = req.bounded_stream.read(limit + 1)
-        if len(raw) > limit:  # no or a false Content-Length
-            raise body_too_large(limit)
+        raw = read_body(req, limit)
         if how == "signature":
             self.auth.verify_signature(req, raw)
         request = validate_message(parse_body(raw))
@@ -4030,8 +4041,7 @@ class TwilioResource:
 
     def on_post(self, req, resp):
         if self.stopping.is_set():
-            raise ApiError(503, "the daemon is shutting down; try again shortly",
-                           retry_after=SHUTDOWN_RETRY_AFTER)
+            raise shutting_down()
         limit = self.settings.server.max_body_bytes
         if req.content_length is not None and req.content_length > limit:
             raise body_too_large(limit)
@@ -4039,9 +4049,7 @@ class TwilioResource:
         if media != "application/x-www-form-urlencoded":
             raise ApiError(415, "send the form Twilio sends: "
                                 "Content-Type: application/x-www-form-urlencoded")
-        raw = req.bounded_stream.read(limit + 1)
-        if len(raw) > limit:
-            raise body_too_large(limit)
+        raw = read_body(req, limit)
         try:
             params = urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True,
                                             errors="strict")
@@ -4747,6 +4755,7 @@ class GlibcMalloc:
     the C library is not glibc (musl, macOS)."""
 
     M_ARENA_MAX = -8  # from glibc's malloc.h
+    ARENAS = 2  # glibc's default is 8 per core
 
     def __init__(self):
         self.mallopt = self.malloc_trim = None
@@ -4759,9 +4768,9 @@ class GlibcMalloc:
         self.mallopt = getattr(libc, "mallopt", None)
         self.malloc_trim = getattr(libc, "malloc_trim", None)
 
-    def limit_arenas(self, count=2):
+    def limit_arenas(self):
         if self.mallopt is not None:
-            self.mallopt(self.M_ARENA_MAX, count)
+            self.mallopt(self.M_ARENA_MAX, self.ARENAS)
 
     def trim(self):
         if self.malloc_trim is not None:
