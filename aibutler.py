@@ -4090,8 +4090,9 @@ class TwilioResource:
             return
         why = ("no X-Twilio-Signature header" if not given else
                f"no {TWILIO_TOKEN_NAME} in the vault" if not token else "wrong X-Twilio-Signature")
-        error = self.auth.failed(req, f"{why}; checked against URL {url_without_query(url)} (if Twilio calls "
-                                      "another URL, set [channels.twilio] public_url to it)")
+        error = self.auth.failed(req, f"{why}; checked against URL {url_without_query(url)} "
+                                      "(if Twilio calls another URL, set [channels.twilio] "
+                                      "public_url to it)")
         if error.status == 401:
             error = ApiError(403, "missing or wrong X-Twilio-Signature")
         raise error

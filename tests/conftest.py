@@ -115,15 +115,42 @@ class RecordingHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def receiver():
+    """Start a Recorder (receiver(script)) or one of its kinds (receiver(kind=Cls,
+    **options)); each is closed after the test."""
     servers = []
 
-    def start(script=None):
-        server = Recorder(script)
+    def start(script=None, kind=None, **options):
+        server = Recorder(script) if kind is None else kind(**options)
         servers.append(server)
         return server
     yield start
     for server in servers:
         server.close()
+
+
+def until(check, timeout=15.0):
+    """Wait for something observable, polling briefly."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.02)
+
+
+def in_background(call):
+    """Run call() in a thread: (the thread, a list that gets its result)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def gauge(d, name):
+    """A gauge's value in a running daemon's /metrics."""
+    text = d.get("/metrics", {"X-Aibutler-Secret": d.secret})[2]
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not in /metrics")
 
 
 def openai_text(text):

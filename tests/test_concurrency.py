@@ -9,7 +9,7 @@ import time
 import pytest
 
 import aibutler
-from conftest import SECRET, Recorder, ok, openai_text
+from conftest import SECRET, Recorder, gauge, in_background, ok, openai_text, until
 
 
 class CountingModel(Recorder):
@@ -40,46 +40,19 @@ class CountingModel(Recorder):
         for gate in self.gates:
             gate.set()
 
+    def close(self):
+        self.release_all()
+        super().close()
+
 
 @pytest.fixture
-def counting_model():
-    models = []
-
-    def start(calls):
-        model = CountingModel(calls)
-        models.append(model)
-        return model
-    yield start
-    for model in models:
-        model.release_all()
-        model.close()
+def counting_model(receiver):
+    return lambda calls: receiver(kind=CountingModel, calls=calls)
 
 
 def model_config(model, concurrency, extra=""):
     return (f"[agent]\nprovider = openai\nbase_url = {model.url}\nconcurrency = {concurrency}\n"
             f"[limits]\nrate = 0\nuser_rate = 0\n{extra}")
-
-
-def gauge(d, name):
-    text = d.get("/metrics", {"X-Aibutler-Secret": SECRET})[2]
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} is not in /metrics")
-
-
-def until(check, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.02)
-
-
-def in_background(call):
-    result = []
-    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
-    thread.start()
-    return thread, result
 
 
 def test_concurrency_caps_model_calls_and_the_rest_start_in_arrival_order(

@@ -4,9 +4,8 @@ the reply per request with RFC 7240's Prefer (wait=N, respond-async), every
 
 import signal
 import threading
-import time
 
-from conftest import SECRET, Recorder, ok, openai_text
+from conftest import SECRET, Recorder, gauge, in_background, ok, openai_text, until
 
 PATH = "/webhook/custom"
 
@@ -24,6 +23,10 @@ class HeldModel(Recorder):
             return ok(openai_text(text))
         return respond
 
+    def close(self):
+        self.release.set()
+        super().close()
+
 
 def start(daemon, model, extra=""):
     d = daemon(f"[agent]\nprovider = openai\nbase_url = {model.url}\n"
@@ -35,26 +38,6 @@ def status_of(d, location, query=""):
     return d.get(location + query, {"X-Aibutler-Secret": SECRET})
 
 
-def gauge(d, name):
-    text = d.get("/metrics", {"X-Aibutler-Secret": SECRET})[2]
-    return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines()
-                      if line.startswith(name + " ")))
-
-
-def until(check, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.02)
-
-
-def in_background(call):
-    result = []
-    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
-    thread.start()
-    return thread, result
-
-
 def test_without_prefer_nothing_changes(daemon):
     d = daemon("[limits]\nrate = 0\nuser_rate = 0\n").start()
     status, headers, body = d.post({"user_id": "u", "message": "what is 2+2?"})
@@ -62,8 +45,8 @@ def test_without_prefer_nothing_changes(daemon):
     assert headers["Location"] is None and headers["Preference-Applied"] is None
 
 
-def test_respond_async_without_an_outbound_url_then_poll(daemon):
-    model = HeldModel()
+def test_respond_async_without_an_outbound_url_then_poll(daemon, receiver):
+    model = receiver(kind=HeldModel)
     d = start(daemon, model)
     try:
         status, headers, body = d.post({"user_id": "u", "message": "hi"},
@@ -88,7 +71,7 @@ def test_respond_async_without_an_outbound_url_then_poll(daemon):
 
 
 def test_wait_answers_200_when_done_in_time_and_sends_no_callback(daemon, receiver):
-    model = HeldModel()
+    model = receiver(kind=HeldModel)
     callbacks = receiver()
     d = start(daemon, model, f"[channels.webhook]\noutbound_url = {callbacks.url}\n")
     replying, answer = in_background(lambda: d.post({"user_id": "u", "message": "hi"},
@@ -108,7 +91,7 @@ def test_wait_answers_200_when_done_in_time_and_sends_no_callback(daemon, receiv
 
 
 def test_a_turn_that_outlives_the_wait_is_delivered_once_later(daemon, receiver):
-    model = HeldModel()
+    model = receiver(kind=HeldModel)
     callbacks = receiver()
     d = start(daemon, model, f"[channels.webhook]\noutbound_url = {callbacks.url}\n"
                              "max_wait = 1s\n")
@@ -126,8 +109,9 @@ def test_a_turn_that_outlives_the_wait_is_delivered_once_later(daemon, receiver)
     assert len(model.requests) == 1
 
 
-def test_reply_wait_makes_waiting_the_default_and_replays_keep_the_message_id(daemon):
-    model = HeldModel()
+def test_reply_wait_makes_waiting_the_default_and_replays_keep_the_message_id(daemon,
+                                                                             receiver):
+    model = receiver(kind=HeldModel)
     d = start(daemon, model, "[channels.webhook]\nreply_wait = 20s\n")
     key = {"Idempotency-Key": "k-1"}
     replying, answer = in_background(lambda: d.post({"user_id": "u", "message": "hi"}, key))
@@ -176,7 +160,7 @@ def test_malformed_prefer_is_ignored(daemon):
 
 
 def test_a_retry_while_the_first_request_waits_gets_the_reply_delivered(daemon, receiver):
-    model = HeldModel()
+    model = receiver(kind=HeldModel)
     callbacks = receiver()
     d = start(daemon, model, f"[channels.webhook]\noutbound_url = {callbacks.url}\n")
     key = {"Prefer": "wait=20", "Idempotency-Key": "k-7"}
@@ -191,8 +175,8 @@ def test_a_retry_while_the_first_request_waits_gets_the_reply_delivered(daemon, 
     assert callback["message_id"] == body["message_id"] and callback["reply"] == "the reply"
 
 
-def test_a_key_held_by_a_running_sync_request_is_a_409_for_an_async_one(daemon):
-    model = HeldModel()
+def test_a_key_held_by_a_running_sync_request_is_a_409_for_an_async_one(daemon, receiver):
+    model = receiver(kind=HeldModel)
     d = start(daemon, model)
     key = {"Idempotency-Key": "k-9"}
     first, answer = in_background(lambda: d.post({"user_id": "u", "message": "hi"}, key))
@@ -220,8 +204,8 @@ def test_results_are_kept_for_the_idempotency_ttl_then_pruned(app_for, store):
     assert gone.status_code == 404 and gone.json["error"]["status"] == 404
 
 
-def test_a_stop_answers_waiting_long_polls_at_once_and_logs_no_error(daemon):
-    model = HeldModel()
+def test_a_stop_answers_waiting_long_polls_at_once_and_logs_no_error(daemon, receiver):
+    model = receiver(kind=HeldModel)
     d = start(daemon, model)
     _, headers, _ = d.post({"user_id": "u", "message": "hi"}, {"Prefer": "respond-async"})
     model.wait_for(1)
