@@ -1021,9 +1021,8 @@ class HistoryJournal:
                                                max_history)
                 db.execute("INSERT OR REPLACE INTO history_journal (id, generation, moved_to) "
                            "VALUES (1, ?, ?)", (generation, end))
-            self._held.clear()
-            self._sessions.clear()
-            self._users.clear()
+            self._held = []
+            self._sessions, self._users = collections.Counter(), collections.Counter()
         return len(records)
 
     def _unmoved(self, lines):
@@ -1360,8 +1359,11 @@ class Store:
         """The user's message and the reply: into the journal when the daemon
         keeps one (and writing works), else committed here."""
         now = self.clock()
-        if self.journal is None or self.write_error is not None or not self.journal.append(
+        journal = self.journal
+        if journal is None or self.write_error is not None or not journal.append(
                 session_id, user_id, user_text, reply, now, max_history):
+            if journal is not None:
+                journal.move()  # the older exchanges first: history keeps its order
             with self.transaction() as db:
                 self.insert_exchange(db, session_id, user_text, reply, now, max_history)
         self._note_current(user_id, session_id, now)
