@@ -967,12 +967,7 @@ class HistoryJournal:
                 batch, end, generation = list(self._held), self._end, self._generation
             if not batch:
                 return
-            with self.store.transaction() as db:
-                for session_id, _, user_text, reply, created, max_history in batch:
-                    self.store.insert_exchange(db, session_id, user_text, reply, created,
-                                               max_history)
-                db.execute("INSERT OR REPLACE INTO history_journal (id, generation, moved_to) "
-                           "VALUES (1, ?, ?)", (generation, end))
+            self._insert(batch, generation, end)
             with self._lock:
                 del self._held[:len(batch)]
                 for session_id, user_id, *_ in batch:
@@ -1011,19 +1006,17 @@ class HistoryJournal:
         if records:
             log.warning("history: moving %d exchange(s) written before an unclean stop "
                         "into the database", len(records))
-            self._held, self._generation, self._end = records, generation, end
-            for record in records:
-                self._sessions[record[0]] += 1
-                self._users[record[1]] += 1
-            with self._moving, self.store.transaction() as db:  # raises: nothing is lost
-                for session_id, _, user_text, reply, created, max_history in records:
-                    self.store.insert_exchange(db, session_id, user_text, reply, created,
-                                               max_history)
-                db.execute("INSERT OR REPLACE INTO history_journal (id, generation, moved_to) "
-                           "VALUES (1, ?, ?)", (generation, end))
-            self._held = []
-            self._sessions, self._users = collections.Counter(), collections.Counter()
+            self._insert(records, generation, end)  # raises: the file is left as it is
         return len(records)
+
+    def _insert(self, records, generation, end):
+        """One transaction: the exchanges, and how far the file is moved."""
+        with self.store.transaction() as db:
+            for session_id, _, user_text, reply, created, max_history in records:
+                self.store.insert_exchange(db, session_id, user_text, reply, created,
+                                           max_history)
+            db.execute("INSERT OR REPLACE INTO history_journal (id, generation, moved_to) "
+                       "VALUES (1, ?, ?)", (generation, end))
 
     def _unmoved(self, lines):
         """The exchanges in these lines the database does not have yet, and the
