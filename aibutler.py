@@ -3043,7 +3043,9 @@ class TwilioMessages:
 # not a queue. Health probes never wait for a thread at all: waitress's loop
 # thread answers them (Daemon). An async message is committed before its 202;
 # durable commits share their fsync (Store._sync_through), so a slow SD card
-# costs one fsync per batch of accepts, not one each.
+# costs one fsync per batch of accepts, not one each. A turn's history is
+# written behind (HistoryJournal): copied into a memory-mapped file that
+# survives a killed process, and moved into sqlite for many turns at once.
 
 def sign_payload(secret, message_id, timestamp, body):
     """Standard Webhooks v1: base64 HMAC-SHA256 of "id.timestamp.body", keyed
