@@ -987,12 +987,13 @@ class HistoryJournal:
     def _start_over(self):
         """Everything in the file is moved: zeros over it, then a new generation
         (a process killed in between leaves nothing to move either way)."""
-        header = (json.dumps({"generation": new_id("gen")}) + "\n").encode()
-        self._map[len(header):max(self._end, len(header))] = bytes(
-            max(self._end, len(header)) - len(header))
+        generation = new_id("gen")
+        header = (json.dumps({"generation": generation}) + "\n").encode()
+        used = max(self._end, len(header))
+        self._map[len(header):used] = bytes(used - len(header))
         self._map[:len(header)] = header
-        self._generation = json.loads(header)["generation"]
-        self._end = self._header_length = len(header)
+        self._generation, self._end = generation, len(header)
+        self._header_length = len(header)
 
     def _recover(self):
         """At start: move what a killed process left (returns how many exchanges)."""

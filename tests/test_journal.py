@@ -141,7 +141,7 @@ def test_sync_history_survives_kill_9_of_the_daemon(daemon, receiver):
     assert d.stop() == 0
 
 
-def test_the_journal_file_is_private_and_named_in_the_data_directory(daemon):
+def test_the_daemon_keeps_a_full_size_journal_that_starts_over_once_moved(daemon):
     d = daemon().start()
     assert d.post({"user_id": "u", "message": "hi"})[0] == 200
     journal = d.data / "aibutler.db-history"
