@@ -1079,6 +1079,32 @@ class HistoryJournal:
         os.close(self._fd)
 
 
+class HistoryWindow:
+    """A session's newest messages, exactly: the `size` newest the database and
+    the journal hold (fewer when they hold fewer), oldest first, as (role,
+    content). Adding an exchange keeps it exact."""
+
+    __slots__ = ("size", "messages", "bytes")
+    MESSAGE_BYTES = 64  # memory per message besides its text (its tuple, its slot)
+    WINDOW_BYTES = 256  # per window: this object, its list, its key and slot in Store
+
+    def __init__(self, size, messages):
+        self.size = size
+        self.messages = messages
+        self.bytes = self.WINDOW_BYTES + sum(self._cost(content) for _, content in messages)
+
+    def _cost(self, content):
+        return sys.getsizeof(content) + self.MESSAGE_BYTES
+
+    def add(self, user_text, reply):
+        self.messages += (("user", user_text), ("assistant", reply))
+        self.bytes += self._cost(user_text) + self._cost(reply)
+        excess = len(self.messages) - self.size
+        if excess > 0:
+            self.bytes -= sum(self._cost(content) for _, content in self.messages[:excess])
+            del self.messages[:excess]
+
+
 class Store:
     """Everything that must survive a restart, in one sqlite file (WAL mode).
 
@@ -1114,6 +1140,9 @@ class Store:
         self.journal = None  # the daemon's HistoryJournal (the CLI writes no history)
         self._current = {}  # user_id -> (session_id, last_active), see resolve_session
         self._current_lock = threading.Lock()
+        self._windows = {}  # session_id -> HistoryWindow, least recently used first
+        self._windows_bytes = 0
+        self._windows_lock = threading.Lock()  # held around a window's load or update
         try:
             with self.connection() as db:
                 db.executescript(SCHEMA)
@@ -1332,10 +1361,32 @@ class Store:
                    (sid, user_id, now, now))
         return sid
 
+    HISTORY_KEPT_BYTES = 4 << 20  # sessions' newest messages kept in memory (see history)
+
     def history(self, session_id, limit):
         """The newest `limit` messages, from the first user message among them:
         chat templates (Gemma, Mistral) refuse a history that opens with the
-        assistant. Tool calls are never stored, so none is split from its result."""
+        assistant. Tool calls are never stored, so none is split from its result.
+
+        Served from memory: the newest messages of the sessions used last (about
+        a thousand conversations of short messages fit HISTORY_KEPT_BYTES) are
+        kept up to date by record_exchange, since this process alone writes
+        history. Reading them from sqlite was a tenth of a sync request's CPU."""
+        with self._windows_lock:
+            window = self._windows.pop(session_id, None)
+            if window is None or window.size < limit:
+                window = HistoryWindow(limit, self._read_history(session_id, limit))
+            else:
+                self._windows_bytes -= window.bytes
+            self._keep_window(session_id, window)
+            messages = window.messages[-limit:] if limit > 0 else []
+        start = next((n for n, (role, _) in enumerate(messages) if role == "user"),
+                     len(messages))
+        return [{"role": role, "content": content} for role, content in messages[start:]]
+
+    def _read_history(self, session_id, limit):
+        """The newest `limit` messages in the database and the journal, oldest
+        first, as (role, content)."""
         newest = ("SELECT role, content FROM messages WHERE session_id=? ORDER BY id DESC "
                   "LIMIT ?", (session_id, limit))
         if self.journal is not None and self.journal.holds(session_id=session_id):
@@ -1343,23 +1394,37 @@ class Store:
                 rows = self._read(*newest)
         else:
             rows, held = self._read(*newest), []
-        window = [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
-        window = (window + held)[-limit:] if limit > 0 else []
-        while window and window[0]["role"] != "user":
-            window.pop(0)
-        return window
+        messages = [(sys.intern(row["role"]), row["content"]) for row in reversed(rows)]
+        messages += [(m["role"], m["content"]) for m in held]
+        return messages[-limit:] if limit > 0 else []
+
+    def _keep_window(self, session_id, window):
+        """Under _windows_lock: the least recently used windows go first."""
+        self._windows[session_id] = window
+        self._windows_bytes += window.bytes
+        while self._windows_bytes > self.HISTORY_KEPT_BYTES:
+            oldest = next(iter(self._windows))
+            self._windows_bytes -= self._windows.pop(oldest).bytes
 
     def record_exchange(self, session_id, user_id, user_text, reply, max_history):
         """The user's message and the reply: into the journal when the daemon
-        keeps one (and writing works), else committed here."""
+        keeps one (and writing works), else committed here; and into the
+        session's window in memory, under the lock its load holds, so a window
+        never misses nor repeats an exchange."""
         now = self.clock()
         journal = self.journal
-        if journal is None or self.write_error is not None or not journal.append(
-                session_id, user_id, user_text, reply, now, max_history):
-            if journal is not None:
-                journal.move()  # the older exchanges first: history keeps its order
-            with self.transaction() as db:
-                self.insert_exchange(db, session_id, user_text, reply, now, max_history)
+        with self._windows_lock:
+            if journal is None or self.write_error is not None or not journal.append(
+                    session_id, user_id, user_text, reply, now, max_history):
+                if journal is not None:
+                    journal.move()  # the older exchanges first: history keeps its order
+                with self.transaction() as db:
+                    self.insert_exchange(db, session_id, user_text, reply, now, max_history)
+            window = self._windows.pop(session_id, None)
+            if window is not None:
+                self._windows_bytes -= window.bytes
+                window.add(user_text, reply)
+                self._keep_window(session_id, window)
         self._note_current(user_id, session_id, now)
 
     def insert_exchange(self, db, session_id, user_text, reply, created, max_history):
@@ -4480,10 +4545,17 @@ ACCESS_LINE = {"access_line": True}  # a request's log line: BatchedLogHandler m
 
 
 class RequestLog:
-    """One log line and one metrics sample per request; the message text is never logged."""
+    """One log line and one metrics sample per request; the message text is never
+    logged. The daemon writes the line with BatchedLogHandler.access_line (no
+    LogRecord); elsewhere (tests, an embedding program) it goes through logging."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics, write_line=None):
         self.metrics = metrics
+        self.write_line = write_line or self.log_line
+
+    @staticmethod
+    def log_line(text):
+        log.info("%s", text, extra=ACCESS_LINE)
 
     def process_request(self, req, resp):
         req.context.started = time.monotonic()
@@ -4493,8 +4565,7 @@ class RequestLog:
         status = falcon.http_status_to_code(resp.status)
         path = req.path if resource is not None else "(unmatched)"
         if not getattr(req.context, "quiet", False):
-            log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000,
-                     extra=ACCESS_LINE)
+            self.write_line(f"{req.method} {req.path} {status} {seconds * 1000:.1f}ms")
         self.metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
         self.metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
 
@@ -4859,10 +4930,10 @@ class OpenApiResource:
 
 
 def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, store, handover,
-               gate, vault=None):
+               gate, vault=None, access_line=None):
     """The falcon app: each resource gets only the parts it uses."""
     load_web_stack()
-    app = falcon.App(middleware=[RequestLog(metrics)])
+    app = falcon.App(middleware=[RequestLog(metrics, access_line)])
     # falcon's default handler makes a JSON encoder for every answer; the same
     # text (ensure_ascii=False) from one made once.
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
@@ -4921,10 +4992,11 @@ class Butler:
         metrics.gauge("aibutler_requests_waiting", lambda: self.handover.waiting)
         self._started = False
 
-    def app(self):
+    def app(self, access_line=None):
+        """access_line: writes a request's log line (default: through logging)."""
         return create_app(self.settings, self.auth, self.limits, self.inbox, self.metrics,
                           self.readiness, self.stopping, self.store, self.handover, self.gate,
-                          self.vault)
+                          self.vault, access_line)
 
     def start(self):
         jobs, sends = self.store.recover()
@@ -5129,8 +5201,10 @@ class Daemon:
 
     BODY_SLACK = 65536  # bytes waitress reads beyond max_body_bytes (headers, chunking)
 
-    def __init__(self, config, vault, store, config_path=None, env=None, malloc=None):
+    def __init__(self, config, vault, store, config_path=None, env=None, malloc=None,
+                 access_line=None):
         self.malloc = malloc  # GlibcMalloc, or None: leave memory to the C library
+        self.access_line = access_line  # writes a request's log line (RequestLog)
         self.vault = vault
         self.store = store
         self.config_path = config_path
@@ -5176,7 +5250,7 @@ class Daemon:
             # X-Forwarded-* reach the app, which believes them only from
             # [server] trusted_proxies (waitress's own option takes one address).
             server = waitress.create_server(
-                self.wsgi(self.butler.app()), host=server_cfg.host, port=server_cfg.port,
+                self.wsgi(self.butler.app(self.access_line)), host=server_cfg.host, port=server_cfg.port,
                 threads=server_cfg.threads, connection_limit=server_cfg.connection_limit,
                 channel_timeout=math.ceil(server_cfg.channel_timeout), ident="",
                 clear_untrusted_proxy_headers=False,
@@ -5551,26 +5625,40 @@ class LogFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def formatTime(self, record, datefmt=None):
-        """The default format, its seconds part made once a second: strftime on
-        every request's line cost more than the rest of the line."""
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second, stamp = self._stamp
-        if int(record.created) != second:
-            second = int(record.created)
+        return self._time(int(record.created), record.msecs)
+
+    def _time(self, second, msecs):
+        """The default format, its seconds part made once a second: strftime on
+        every request's line cost more than the rest of the line."""
+        made, stamp = self._stamp
+        if second != made:
             stamp = time.strftime(self.default_time_format, self.converter(second))
             self._stamp = second, stamp  # one tuple: threads never see half of it
-        return self.default_msec_format % (stamp, record.msecs)
+        return self.default_msec_format % (stamp, msecs)
 
     _stamp = (None, "")
+
+    def _prefix(self, levelno):
+        if not self.journal:
+            return ""
+        return f"<{next((p for lv, p in self.PRIORITIES if levelno >= lv), 7)}>"
+
+    def info_line(self, name, message):
+        """The line format() makes of an INFO record of logger `name`, made
+        without one (see BatchedLogHandler.access_line)."""
+        if self.journal:
+            return f"{self._prefix(logging.INFO)}INFO {name}: {printable(message)}"
+        now = time.time_ns()
+        stamp = self._time(now // 1_000_000_000, now // 1_000_000 % 1000)
+        return f"{stamp} INFO {name}: {printable(message)}"
 
     def format(self, record):
         """A traceback's lines are indented (and prefixed), so none can pass for
         a line of its own whatever the exception's message says."""
         text = super().format(record)
-        prefix = ""
-        if self.journal:
-            prefix = f"<{next((p for lv, p in self.PRIORITIES if record.levelno >= lv), 7)}>"
+        prefix = self._prefix(record.levelno)
         if "\n" not in text:  # every line but a traceback's
             return prefix + text
         first, *rest = text.split("\n")
@@ -5613,6 +5701,23 @@ class BatchedLogHandler(logging.StreamHandler):
         self._due = threading.Event()
         threading.Thread(target=self._flush_later, name="log-flush", daemon=True).start()
 
+    def access_line(self, text):
+        """A request's line (RequestLog), as log.info(text) would write it but
+        without logging's LogRecord machinery: that cost a tenth of a sync
+        request's CPU time."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        line = self.formatter.info_line(log.name, text) + self.terminator
+        with self.lock:
+            self._held.append(line)
+            try:
+                if len(self._held) >= self.MAX_HELD:
+                    self._write_held()
+                elif len(self._held) == 1:
+                    self._due.set()
+            except Exception:  # as emit() does: report on stderr, never raise
+                self.handleError(logging.makeLogRecord({"msg": text}))
+
     def emit(self, record):
         """Under the handler's lock (Handler.handle holds it)."""
         try:
@@ -5652,6 +5757,7 @@ def setup_logging(level, env=None):
     # each record (the logging HOWTO's "Optimization") saves a third of a line's cost.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
+    return handler
 
 
 THREAD_STACK_BYTES = 1 << 20  # 1 MiB: hundreds of parked threads fit a 32-bit Pi's memory
@@ -5672,7 +5778,7 @@ def cmd_run(args):
     if args.port is not None:  # 0 (any free port) only from the command line
         config.server.port = args.port
     check_listen_address(config.server)
-    setup_logging(config.server.log_level, env)
+    log_handler = setup_logging(config.server.log_level, env)
     data_dir = ensure_data_dir(data_dir_from_env(env))
     vault = open_vault(env)
     check_twilio_token(config, vault, data_dir, env)
@@ -5680,7 +5786,8 @@ def cmd_run(args):
         log.warning("files: %s", warning)
     store = open_store(data_dir)
     store.keep_history_journal()
-    return Daemon(config, vault, store, args.config, env, malloc).run()
+    return Daemon(config, vault, store, args.config, env, malloc,
+                  log_handler.access_line).run()
 
 
 def check_listen_address(server):

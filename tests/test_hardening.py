@@ -512,6 +512,8 @@ def test_journal_lines_carry_syslog_priorities_and_no_timestamps(daemon, tmp_pat
     assert any(line.startswith("<4>WARNING aibutler: webhook: no webhook_auth_secret")
                for line in lines)
     assert any(line.startswith("<4>WARNING aibutler: auth: rejected") for line in lines)
+    assert any(re.fullmatch(r"<6>INFO aibutler: POST /webhook/custom 401 \d+\.\dms", line)
+               for line in lines)  # a request's line, made without a LogRecord
     assert all(re.match(r"<[3467]>", line) for line in lines), lines
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in lines)
     # a fatal error before logging is set up is an error in the journal too
@@ -524,8 +526,11 @@ def test_journal_lines_carry_syslog_priorities_and_no_timestamps(daemon, tmp_pat
     # an inherited JOURNAL_STREAM that is not our stderr changes nothing
     d.env["JOURNAL_STREAM"] = "1:1"
     d.start()
+    http_request(d.url + "/openapi.json", None, {}, "GET")
     assert d.stop() == 0
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING)", d.log_lines[0])
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO aibutler: "
+                     r"GET /openapi.json 200 \d+\.\dms$", d.log, re.MULTILINE)
 
 
 def test_first_start_prints_a_command_that_works_where_the_daemon_runs(daemon):

@@ -1,18 +1,24 @@
 """Writing behind: the history journal (HistoryJournal), where a turn's exchange
-waits for its move into sqlite (a killed process loses none, none is moved twice),
-and the requests' log lines, written in batches."""
+waits for its move into sqlite (a killed process loses none, none is moved twice);
+the sessions' newest messages kept in memory (HistoryWindow); and the requests'
+log lines, written in batches and without a LogRecord."""
 
 import io
 import json
 import logging
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+
+import pytest
 
 import aibutler
 from conftest import ROOT, ok, openai_text
+from test_hardening import eventually
 
 
 def run_then_kill(db_path, body):
@@ -126,6 +132,67 @@ def test_a_full_journal_is_moved_by_the_turn_that_fills_it(tmp_path, monkeypatch
     store.close()
 
 
+def contents(history):
+    return [message["content"] for message in history]
+
+
+def test_history_kept_in_memory_stays_exact_within_its_budget(tmp_path):
+    store = aibutler.Store(str(tmp_path / "aibutler.db"))
+    store.keep_history_journal(flush_after=3600)
+    store.HISTORY_KEPT_BYTES = 3000  # a few sessions: the others are dropped and read again
+    sessions = [store.resolve_session(f"u{n}", None, 3600) for n in range(8)]
+    for turn in range(6):
+        if turn == 3:
+            store.journal.move()  # half of it from sqlite, half from the journal
+        for n, session in enumerate(sessions):
+            said = [text for t in range(turn) for text in (f"m{n}.{t}", f"r{n}.{t}")]
+            assert contents(store.history(session, 4)) == said[-4:]
+            store.record_exchange(session, f"u{n}", f"m{n}.{turn}", f"r{n}.{turn}", 4)
+            assert 0 < store._windows_bytes <= store.HISTORY_KEPT_BYTES
+    assert len(store._windows) < len(sessions)
+    # a longer history than the one kept is read again (max_history raised by a reload)
+    assert contents(store.history(sessions[0], 3)) == ["m0.5", "r0.5"]
+    assert contents(store.history(sessions[0], 6)) == ["m0.3", "r0.3", "m0.4", "r0.4",
+                                                       "m0.5", "r0.5"]
+    store.close()
+
+
+def waiting_in(thread, function):
+    """The thread's innermost Python frame is `function`: it waits in a C call (a lock)."""
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_name == function
+
+
+def test_an_exchange_recorded_while_its_session_is_read_is_in_its_history_once(tmp_path):
+    store = aibutler.Store(str(tmp_path / "aibutler.db"))
+    store.keep_history_journal(flush_after=3600)
+    session = the_session(store)
+    store.record_exchange(session, "u", "first", "one", 20)
+    reading, go_on = threading.Event(), threading.Event()
+    read = store._read
+
+    def paused_read(*query):
+        reading.set()
+        go_on.wait(10)
+        return read(*query)
+
+    store._read = paused_read
+    reader = threading.Thread(target=store.history, args=(session, 20))
+    reader.start()
+    assert reading.wait(10)  # the reader has what the journal holds, not yet sqlite's
+    writer = threading.Thread(target=store.record_exchange,
+                              args=(session, "u", "second", "two", 20))
+    writer.start()
+    eventually(lambda: not writer.is_alive() or waiting_in(writer, "record_exchange"),
+               every=0.001)
+    go_on.set()
+    reader.join(10)
+    writer.join(10)
+    del store._read
+    assert contents(store.history(session, 20)) == ["first", "one", "second", "two"]
+    store.close()
+
+
 def test_sync_history_survives_kill_9_of_the_daemon(daemon, receiver):
     model = receiver([ok(openai_text("nice to meet you, Ada")), ok(openai_text("you are Ada"))])
     config = f"[agent]\nprovider = openai\nbase_url = {model.url}\n"
@@ -164,3 +231,30 @@ def test_requests_log_lines_are_held_briefly_and_every_other_line_keeps_the_orde
     logger.info("GET /healthz 200 0.1ms", extra=aibutler.ACCESS_LINE)
     handler.flush()  # what logging.shutdown does at exit
     assert stream.getvalue().endswith("INFO GET /healthz 200 0.1ms\n")
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_a_request_line_made_without_a_log_record_reads_as_logging_writes_it(journal):
+    stream = io.StringIO()
+    handler = aibutler.BatchedLogHandler(stream)
+    handler.setFormatter(aibutler.LogFormatter(journal=journal))
+    text = "GET /nope\n2026-01-01 00:00:00,000 ERROR 200 1.0ms"
+    level = aibutler.log.level
+    try:
+        aibutler.log.setLevel(logging.WARNING)  # [server] log_level = warning: no request lines
+        handler.access_line(text)
+        handler.flush()
+        assert stream.getvalue() == ""
+        aibutler.log.setLevel(logging.INFO)
+        handler.access_line(text)
+        assert stream.getvalue() == ""  # held, as logging's request lines are
+        handler.flush()
+    finally:
+        aibutler.log.setLevel(level)
+    record = aibutler.log.makeRecord("aibutler", logging.INFO, __file__, 1, "%s", (text,), None)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    line, expected = stream.getvalue(), handler.format(record) + "\n"
+    if not journal:
+        assert re.match(stamp, line) and re.match(stamp, expected)
+        line, expected = re.sub(stamp, "", line, 1), re.sub(stamp, "", expected, 1)
+    assert line == expected and "\\n2026" in line and line.count("\n") == 1
