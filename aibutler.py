@@ -3111,7 +3111,8 @@ class TwilioMessages:
 # durable commits share their fsync (Store._sync_through), so a slow SD card
 # costs one fsync per batch of accepts, not one each. A turn's history is
 # written behind (HistoryJournal): copied into a memory-mapped file that
-# survives a killed process, and moved into sqlite for many turns at once.
+# survives a killed process, and moved into sqlite for many turns at once; the
+# history a turn reads comes from memory (HistoryWindow), not from sqlite.
 
 def sign_payload(secret, message_id, timestamp, body):
     """Standard Webhooks v1: base64 HMAC-SHA256 of "id.timestamp.body", keyed
@@ -5250,8 +5251,9 @@ class Daemon:
             # X-Forwarded-* reach the app, which believes them only from
             # [server] trusted_proxies (waitress's own option takes one address).
             server = waitress.create_server(
-                self.wsgi(self.butler.app(self.access_line)), host=server_cfg.host, port=server_cfg.port,
-                threads=server_cfg.threads, connection_limit=server_cfg.connection_limit,
+                self.wsgi(self.butler.app(self.access_line)), host=server_cfg.host,
+                port=server_cfg.port, threads=server_cfg.threads,
+                connection_limit=server_cfg.connection_limit,
                 channel_timeout=math.ceil(server_cfg.channel_timeout), ident="",
                 clear_untrusted_proxy_headers=False,
                 max_request_body_size=2 * server_cfg.max_body_bytes + self.BODY_SLACK)
