@@ -1096,9 +1096,15 @@ class HistoryWindow:
     def _cost(self, content):
         return sys.getsizeof(content) + self.MESSAGE_BYTES
 
-    def add(self, user_text, reply):
+    def add(self, user_text, reply, max_history):
+        """The exchange, and the window no longer than the database keeps (a
+        reload may have lowered max_history)."""
         self.messages += (("user", user_text), ("assistant", reply))
         self.bytes += self._cost(user_text) + self._cost(reply)
+        self.shrink(max_history)
+
+    def shrink(self, size):
+        self.size = max(0, min(self.size, size))
         excess = len(self.messages) - self.size
         if excess > 0:
             self.bytes -= sum(self._cost(content) for _, content in self.messages[:excess])
@@ -1142,7 +1148,11 @@ class Store:
         self._current_lock = threading.Lock()
         self._windows = {}  # session_id -> HistoryWindow, least recently used first
         self._windows_bytes = 0
-        self._windows_lock = threading.Lock()  # held around a window's load or update
+        self._windows_lock = threading.Lock()  # the map and its bytes, briefly
+        # A session's window is loaded, or an exchange recorded, under one of
+        # these (by session): a load never misses nor repeats an exchange
+        # recorded meanwhile, and a slow load holds up only its stripe.
+        self._session_locks = [threading.Lock() for _ in range(self.SESSION_LOCKS)]
         try:
             with self.connection() as db:
                 db.executescript(SCHEMA)
@@ -1362,6 +1372,10 @@ class Store:
         return sid
 
     HISTORY_KEPT_BYTES = 4 << 20  # sessions' newest messages kept in memory (see history)
+    SESSION_LOCKS = 32
+
+    def _session_lock(self, session_id):
+        return self._session_locks[hash(session_id) % self.SESSION_LOCKS]
 
     def history(self, session_id, limit):
         """The newest `limit` messages, from the first user message among them:
@@ -1372,14 +1386,13 @@ class Store:
         a thousand conversations of short messages fit HISTORY_KEPT_BYTES) are
         kept up to date by record_exchange, since this process alone writes
         history. Reading them from sqlite was a tenth of a sync request's CPU."""
-        with self._windows_lock:
-            window = self._windows.pop(session_id, None)
+        with self._session_lock(session_id):
+            window = self._take_window(session_id)
             if window is None or window.size < limit:
                 window = HistoryWindow(limit, self._read_history(session_id, limit))
-            else:
-                self._windows_bytes -= window.bytes
+            window.shrink(limit)  # no longer than the database keeps (see add)
+            messages = list(window.messages)
             self._keep_window(session_id, window)
-            messages = window.messages[-limit:] if limit > 0 else []
         start = next((n for n, (role, _) in enumerate(messages) if role == "user"),
                      len(messages))
         return [{"role": role, "content": content} for role, content in messages[start:]]
@@ -1398,32 +1411,42 @@ class Store:
         messages += [(m["role"], m["content"]) for m in held]
         return messages[-limit:] if limit > 0 else []
 
+    def _take_window(self, session_id):
+        with self._windows_lock:
+            window = self._windows.pop(session_id, None)
+            if window is not None:
+                self._windows_bytes -= window.bytes
+            return window
+
     def _keep_window(self, session_id, window):
-        """Under _windows_lock: the least recently used windows go first."""
-        self._windows[session_id] = window
-        self._windows_bytes += window.bytes
-        while self._windows_bytes > self.HISTORY_KEPT_BYTES:
-            oldest = next(iter(self._windows))
-            self._windows_bytes -= self._windows.pop(oldest).bytes
+        """Kept as the most recently used; the least recently used go first. A
+        window over a quarter of the budget is not kept: one session of huge
+        messages would push every other out on each of its turns."""
+        if window.bytes > self.HISTORY_KEPT_BYTES // 4:
+            return
+        with self._windows_lock:
+            self._windows[session_id] = window
+            self._windows_bytes += window.bytes
+            while self._windows_bytes > self.HISTORY_KEPT_BYTES:
+                oldest = next(iter(self._windows))
+                self._windows_bytes -= self._windows.pop(oldest).bytes
 
     def record_exchange(self, session_id, user_id, user_text, reply, max_history):
         """The user's message and the reply: into the journal when the daemon
         keeps one (and writing works), else committed here; and into the
-        session's window in memory, under the lock its load holds, so a window
-        never misses nor repeats an exchange."""
+        session's window in memory, under the lock its load holds."""
         now = self.clock()
         journal = self.journal
-        with self._windows_lock:
+        with self._session_lock(session_id):
             if journal is None or self.write_error is not None or not journal.append(
                     session_id, user_id, user_text, reply, now, max_history):
                 if journal is not None:
                     journal.move()  # the older exchanges first: history keeps its order
                 with self.transaction() as db:
                     self.insert_exchange(db, session_id, user_text, reply, now, max_history)
-            window = self._windows.pop(session_id, None)
+            window = self._take_window(session_id)
             if window is not None:
-                self._windows_bytes -= window.bytes
-                window.add(user_text, reply)
+                window.add(user_text, reply, max_history)
                 self._keep_window(session_id, window)
         self._note_current(user_id, session_id, now)
 
@@ -1691,6 +1714,11 @@ class Store:
                        (now - idempotency_ttl,))
             db.execute("DELETE FROM deliveries WHERE state='delivered' AND finished < ?",
                        (now - keep_done,))
+        with self._windows_lock:  # no window keeps what the trim deleted
+            for window in self._windows.values():  # (a window in use is shrunk by its user)
+                self._windows_bytes -= window.bytes
+                window.shrink(max_history)
+                self._windows_bytes += window.bytes
 
 
 # === Metrics (Prometheus text format) =======================================

@@ -3,6 +3,7 @@ waits for its move into sqlite (a killed process loses none, none is moved twice
 the sessions' newest messages kept in memory (HistoryWindow); and the requests'
 log lines, written in batches and without a LogRecord."""
 
+import datetime
 import io
 import json
 import logging
@@ -136,10 +137,18 @@ def contents(history):
     return [message["content"] for message in history]
 
 
+def kept_bytes(store):
+    """What the kept windows take, counted afresh: the store's own count must agree."""
+    counted = sum(aibutler.HistoryWindow(w.size, list(w.messages)).bytes
+                  for w in store._windows.values())
+    assert store._windows_bytes == counted
+    return counted
+
+
 def test_history_kept_in_memory_stays_exact_within_its_budget(tmp_path):
     store = aibutler.Store(str(tmp_path / "aibutler.db"))
     store.keep_history_journal(flush_after=3600)
-    store.HISTORY_KEPT_BYTES = 3000  # a few sessions: the others are dropped and read again
+    store.HISTORY_KEPT_BYTES = 4000  # a few sessions: the others are dropped and read again
     sessions = [store.resolve_session(f"u{n}", None, 3600) for n in range(8)]
     for turn in range(6):
         if turn == 3:
@@ -148,12 +157,38 @@ def test_history_kept_in_memory_stays_exact_within_its_budget(tmp_path):
             said = [text for t in range(turn) for text in (f"m{n}.{t}", f"r{n}.{t}")]
             assert contents(store.history(session, 4)) == said[-4:]
             store.record_exchange(session, f"u{n}", f"m{n}.{turn}", f"r{n}.{turn}", 4)
-            assert 0 < store._windows_bytes <= store.HISTORY_KEPT_BYTES
+            assert 0 < kept_bytes(store) <= store.HISTORY_KEPT_BYTES
     assert len(store._windows) < len(sessions)
     # a longer history than the one kept is read again (max_history raised by a reload)
     assert contents(store.history(sessions[0], 3)) == ["m0.5", "r0.5"]
     assert contents(store.history(sessions[0], 6)) == ["m0.3", "r0.3", "m0.4", "r0.4",
                                                        "m0.5", "r0.5"]
+    kept_bytes(store)
+    # one session of huge messages is read from sqlite, not kept: it would push out the rest
+    store.record_exchange(sessions[1], "u1", "x" * 2000, "a long one", 4)
+    assert contents(store.history(sessions[1], 4))[-2:] == ["x" * 2000, "a long one"]
+    assert sessions[1] not in store._windows and sessions[0] in store._windows
+    kept_bytes(store)
+    store.close()
+
+
+def test_history_after_max_history_is_lowered_then_raised_is_what_sqlite_keeps(tmp_path):
+    """[sessions] max_history 20 -> 2 -> 20 by reloads: the database was trimmed in
+    between (by a turn, or by the daily prune), and memory must not remember more."""
+    store = aibutler.Store(str(tmp_path / "aibutler.db"))
+    store.keep_history_journal(flush_after=3600)
+    talked, idle = (store.resolve_session(user, None, 3600) for user in ("talked", "idle"))
+    for session, user in ((talked, "talked"), (idle, "idle")):
+        for turn in range(5):
+            store.record_exchange(session, user, f"m{turn}", f"r{turn}", 20)
+        assert len(store.history(session, 20)) == 10  # both kept in memory, 10 messages
+    # a turn that read its history before the reload and records after it
+    store.record_exchange(talked, "talked", "m5", "r5", 2)  # trimmed to 2 when moved
+    store.journal.move()
+    assert contents(store.history(talked, 20)) == ["m5", "r5"]
+    store.prune(86400, 2)  # trims the idle session
+    assert contents(store.history(idle, 20)) == ["m4", "r4"]
+    kept_bytes(store)
     store.close()
 
 
@@ -252,9 +287,12 @@ def test_a_request_line_made_without_a_log_record_reads_as_logging_writes_it(jou
     finally:
         aibutler.log.setLevel(level)
     record = aibutler.log.makeRecord("aibutler", logging.INFO, __file__, 1, "%s", (text,), None)
-    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    stamp = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) "
     line, expected = stream.getvalue(), handler.format(record) + "\n"
-    if not journal:
-        assert re.match(stamp, line) and re.match(stamp, expected)
+    if not journal:  # the same clock and format as a LogRecord's, to the millisecond
+        made = datetime.datetime.strptime("%s.%s" % re.match(stamp, line).groups(),
+                                          "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        assert made <= record.created < made + 1  # made first, to the ms: within a second
+        assert re.match(stamp, expected)
         line, expected = re.sub(stamp, "", line, 1), re.sub(stamp, "", expected, 1)
     assert line == expected and "\\n2026" in line and line.count("\n") == 1
