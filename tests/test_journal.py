@@ -294,5 +294,5 @@ def test_a_request_line_made_without_a_log_record_reads_as_logging_writes_it(jou
                                           "%Y-%m-%d %H:%M:%S.%f").timestamp()
         assert made <= record.created < made + 1  # made first, to the ms: within a second
         assert re.match(stamp, expected)
-        line, expected = re.sub(stamp, "", line, 1), re.sub(stamp, "", expected, 1)
+        line, expected = re.sub(stamp, "", line, count=1), re.sub(stamp, "", expected, count=1)
     assert line == expected and "\\n2026" in line and line.count("\n") == 1
