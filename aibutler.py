@@ -615,6 +615,11 @@ def one_line(exc):
 
 # === Vault ==================================================================
 
+def has_control_characters(value):
+    """A secret with these cannot go into an HTTP header (a newline or tab pasted in)."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in value)
+
+
 class Vault:
     """Named secrets. Lookup order: environment AIBUTLER_<NAME>, then the systemd
     credential $CREDENTIALS_DIRECTORY/<name>, then <data>/vault.json.
@@ -952,13 +957,12 @@ class HistoryJournal:
     @contextlib.contextmanager
     def reading(self, session_id):
         """Read the database's history of a session inside: no move starts
-        meanwhile, so the exchanges yielded (a list of messages, oldest first)
-        are exactly those the database lacks."""
+        meanwhile, so the exchanges yielded (messages as (role, content), oldest
+        first) are exactly those the database lacks."""
         with self._moving:
             with self._lock:
                 held = [r for r in self._held if r[0] == session_id]
-            yield [{"role": role, "content": text} for r in held
-                   for role, text in (("user", r[2]), ("assistant", r[3]))]
+            yield [message for r in held for message in (("user", r[2]), ("assistant", r[3]))]
 
     def move(self):
         """Move every exchange held into sqlite now; raises what the write raised."""
@@ -1408,7 +1412,7 @@ class Store:
         else:
             rows, held = self._read(*newest), []
         messages = [(sys.intern(row["role"]), row["content"]) for row in reversed(rows)]
-        messages += [(m["role"], m["content"]) for m in held]
+        messages += held
         return messages[-limit:] if limit > 0 else []
 
     def _take_window(self, session_id):
@@ -2662,7 +2666,7 @@ class HTTPModel:
 
     def api_key(self):
         key = self.vault.get(self.key_name)
-        if key and any(ord(c) < 32 or ord(c) == 127 for c in key):
+        if key and has_control_characters(key):
             # http.client would refuse the header and quote it, key and all, into the log
             raise ApiError(502, f"the vault's {self.key_name} holds control characters (a "
                                 "newline in the value?); store it again")
@@ -5739,25 +5743,27 @@ class BatchedLogHandler(logging.StreamHandler):
             return
         line = self.formatter.info_line(log.name, text) + self.terminator
         with self.lock:
-            self._held.append(line)
             try:
-                if len(self._held) >= self.MAX_HELD:
-                    self._write_held()
-                elif len(self._held) == 1:
-                    self._due.set()
+                self._hold(line, write_now=False)
             except Exception:  # as emit() does: report on stderr, never raise
                 self.handleError(logging.makeLogRecord({"msg": text}))
 
     def emit(self, record):
         """Under the handler's lock (Handler.handle holds it)."""
         try:
-            self._held.append(self.format(record) + self.terminator)
-            if not getattr(record, "access_line", False) or len(self._held) >= self.MAX_HELD:
-                self._write_held()
-            elif len(self._held) == 1:
-                self._due.set()
+            self._hold(self.format(record) + self.terminator,
+                       write_now=not getattr(record, "access_line", False))
         except Exception:  # logging's own policy: report on stderr, never raise
             self.handleError(record)
+
+    def _hold(self, line, write_now):
+        """Under the handler's lock: the line after those held, all written now
+        if asked or if too many wait, else within FLUSH_AFTER."""
+        self._held.append(line)
+        if write_now or len(self._held) >= self.MAX_HELD:
+            self._write_held()
+        elif len(self._held) == 1:
+            self._due.set()
 
     def flush(self):
         with self.lock:
@@ -5863,7 +5869,7 @@ def cmd_vault_set(args):
               file=sys.stderr)
     if not value:
         return fail("refusing to store an empty value")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if has_control_characters(value):
         return fail("refusing to store a value with control characters (a newline or tab "
                     "inside it?): it goes into HTTP headers, where they cannot be")
     vault = open_vault()
