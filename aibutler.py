@@ -38,7 +38,6 @@ import itertools
 import json
 import logging
 import math
-import mmap
 import operator
 import os
 import random
@@ -158,6 +157,25 @@ def ensure_data_dir(path):
     if not os.path.isdir(path):
         raise DataDirError(f"{path}: the data directory is not a directory")
     return path
+
+
+def lock_data_dir(path):
+    """One daemon per data directory: an exclusive lock on <data>/aibutler.lock,
+    taken before anything else in it is opened for writing and held for the
+    process's life; the file names the PID that holds it. A second daemon on
+    the same directory stops at once and touches nothing; the CLI takes no lock."""
+    lock_path = os.path.join(path, "aibutler.lock")
+    fd = open_private(lock_path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirError(f"{path} is in use by another aibutler run (PID {holder}); stop "
+                           "it first, or give this one its own AIBUTLER_DATA") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def data_dir_warnings(path, fresh):
@@ -840,8 +858,6 @@ CREATE TABLE IF NOT EXISTS idempotency (
     user_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL,
     state TEXT NOT NULL, status INTEGER, response TEXT, created REAL NOT NULL,
     PRIMARY KEY (user_id, key));
-CREATE TABLE IF NOT EXISTS history_journal (
-    id INTEGER PRIMARY KEY CHECK (id = 1), generation TEXT NOT NULL, moved_to INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seen_signatures (
     webhook_id TEXT NOT NULL, timestamp TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (webhook_id, timestamp));
@@ -849,8 +865,9 @@ CREATE TABLE IF NOT EXISTS seen_signatures (
 
 
 def new_id(prefix):
-    """Unique, not secret: 80 random bits, drawn without a syscall per id."""
-    return f"{prefix}-{random.getrandbits(80):020x}"
+    """80 bits from the system's CSPRNG: an id shown to one sender (a message,
+    a session) is a capability nobody else can guess from the ids they saw."""
+    return f"{prefix}-{secrets.token_hex(10)}"
 
 
 def is_storage_failure(exc):
@@ -873,246 +890,60 @@ def storage_problem(exc):
     return "the database cannot be written"
 
 
-class HistoryJournal:
-    """Write-behind for a turn's one write. The exchange (the user's message and
-    the reply) is copied into this file through a shared memory map: no system
-    call, and it survives a killed process as a commit does (the page cache
-    holds it). A writer thread moves the exchanges into sqlite together every
-    FLUSH_AFTER seconds: one transaction for many turns instead of one each,
-    which cost a third of a sync request's CPU time.
+def old_journal_generation(line):
+    """The generation named by the first line of an old history journal."""
+    with contextlib.suppress(ValueError):
+        value = json.loads(line)
+        if isinstance(value, dict) and isinstance(value.get("generation"), str):
+            return value["generation"]
+    return None
 
-    Nobody sees history without them: the history of a session and the current
-    session of a user include the exchanges still here. At start, what a killed
-    process left is moved before anything is served. The file opens with a line
-    naming its generation; the transaction that moves exchanges also stores the
-    generation and the offset moved up to, so none is moved twice. Once all are
-    moved, the file starts over under a new generation. Its CAPACITY is written
-    (zeros) at start, so no later write needs a disk block."""
 
-    FLUSH_AFTER = 0.02  # seconds
-    CAPACITY = 1 << 20  # bytes; when full, the appending turn moves what it holds
-    RETRY_AFTER = 1.0  # seconds, after a move failed (a full disk)
+def old_journal_record(line):
+    """[session_id, user_id, user_text, reply, created, max_history], or None."""
+    with contextlib.suppress(ValueError):
+        record = json.loads(line)
+        if (isinstance(record, list) and len(record) == 6
+                and all(isinstance(v, str) for v in record[:4])):
+            return record
+    log.warning("history: skipped a line of the old journal that is not an exchange")
+    return None
 
-    def __init__(self, path, store, flush_after=FLUSH_AFTER):
-        self.path = path
+
+class Checkpointer:
+    """Copies the WAL back into the database once a second when commits were
+    made, from a connection of its own and without blocking writers (a
+    PASSIVE checkpoint), so the WAL stays small and no turn waits for it."""
+
+    EVERY = 1.0  # seconds
+
+    def __init__(self, store):
         self.store = store
-        self.flush_after = flush_after
-        self._lock = threading.Lock()  # the map's end, its generation, what it holds
-        self._moving = threading.Lock()  # one move at a time
-        self._held = []  # [session_id, user_id, user_text, reply, created, max_history]
-        self._sessions = collections.Counter()
-        self._users = collections.Counter()
-        self._due = threading.Event()
         self._stop = threading.Event()
-        self._thread = None
-        self._map = None
-        self._generation, self._end = None, 0
-        self._fd = open_private(path)
-        try:
-            self.recovered = self._recover()
-            os.ftruncate(self._fd, 0)
-            zeros = bytes(1 << 16)
-            for offset in range(0, self.CAPACITY, len(zeros)):
-                os.pwrite(self._fd, zeros, offset)
-            self._map = mmap.mmap(self._fd, self.CAPACITY)
-            self._start_over()
-        except BaseException:
-            os.close(self._fd)
-            raise
+        self._thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
 
     def start(self):
-        self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
         self._thread.start()
 
-    def append(self, session_id, user_id, user_text, reply, created, max_history):
-        """False when the exchange does not fit the file at all (the caller
-        commits it itself)."""
-        record = [session_id, user_id, user_text, reply, created, max_history]
-        line = (json.dumps(record) + "\n").encode()  # ASCII: no NUL, any str round-trips
-        while True:
-            with self._lock:
-                if len(line) > self.CAPACITY - self._header_length:
-                    return False
-                if self._end + len(line) <= self.CAPACITY:
-                    self._map[self._end:self._end + len(line)] = line
-                    self._end += len(line)
-                    self._held.append(record)
-                    self._sessions[session_id] += 1
-                    self._users[user_id] += 1
-                    if len(self._held) == 1:
-                        self._due.set()
-                    return True
-            self.move()  # full: this turn moves them, and the file starts over
-
-    def holds(self, session_id=None, user_id=None):
-        return session_id in self._sessions or user_id in self._users
-
-    def latest_session(self, user_id):
-        """(session_id, created) of this user's newest exchange held here, or
-        None: newer than any in the database, so its session is the user's
-        current one."""
-        with self._lock:
-            return next(((r[0], r[4]) for r in reversed(self._held) if r[1] == user_id), None)
-
-    @contextlib.contextmanager
-    def reading(self, session_id):
-        """Read the database's history of a session inside: no move starts
-        meanwhile, so the exchanges yielded (messages as (role, content), oldest
-        first) are exactly those the database lacks."""
-        with self._moving:
-            with self._lock:
-                held = [r for r in self._held if r[0] == session_id]
-            yield [message for r in held for message in (("user", r[2]), ("assistant", r[3]))]
-
-    def move(self):
-        """Move every exchange held into sqlite now; raises what the write raised."""
-        with self._moving:
-            with self._lock:
-                batch, end, generation = list(self._held), self._end, self._generation
-            if not batch:
-                return
-            self._insert(batch, generation, end)
-            with self._lock:
-                del self._held[:len(batch)]
-                for session_id, user_id, *_ in batch:
-                    self._forget(self._sessions, session_id)
-                    self._forget(self._users, user_id)
-                if self._held:  # appended during the move: the next one
-                    self._due.set()
-                else:
-                    self._start_over()
-
-    @staticmethod
-    def _forget(counter, key):
-        counter[key] -= 1
-        if counter[key] <= 0:
-            del counter[key]
-
-    def _start_over(self):
-        """Everything in the file is moved: zeros over it, then a new generation
-        (a process killed in between leaves nothing to move either way)."""
-        generation = new_id("gen")
-        header = (json.dumps({"generation": generation}) + "\n").encode()
-        used = max(self._end, len(header))
-        self._map[len(header):used] = bytes(used - len(header))
-        self._map[:len(header)] = header
-        self._generation, self._end = generation, len(header)
-        self._header_length = len(header)
-
-    def _recover(self):
-        """At start: move what a killed process left (returns how many exchanges)."""
-        size = os.fstat(self._fd).st_size
-        data = os.pread(self._fd, size, 0).split(b"\0", 1)[0]
-        *lines, partial = data.split(b"\n")
-        if partial:
-            log.warning("history: %s ends with a partial exchange (the process was killed "
-                        "while writing it); it is left out", self.path)
-        records, (generation, end) = self._unmoved(lines)
-        if records:
-            log.warning("history: moving %d exchange(s) written before an unclean stop "
-                        "into the database", len(records))
-            self._insert(records, generation, end)  # raises: the file is left as it is
-        return len(records)
-
-    def _insert(self, records, generation, end):
-        """One transaction: the exchanges, and how far the file is moved."""
-        with self.store.transaction() as db:
-            for session_id, _, user_text, reply, created, max_history in records:
-                self.store.insert_exchange(db, session_id, user_text, reply, created,
-                                           max_history)
-            db.execute("INSERT OR REPLACE INTO history_journal (id, generation, moved_to) "
-                       "VALUES (1, ?, ?)", (generation, end))
-
-    def _unmoved(self, lines):
-        """The exchanges in these lines the database does not have yet, and the
-        file's (generation, end of its last complete line)."""
-        header = self._header(lines[0]) if lines else None
-        position = self.store.journal_position()  # (generation, moved_to) or None
-        moved_to = position[1] if header and position and position[0] == header else 0
-        offset = len(lines[0]) + 1 if header else 0
-        records = []
-        for line in lines[1:] if header else lines:
-            offset += len(line) + 1
-            if offset <= moved_to or not line:
-                continue
-            try:
-                record = json.loads(line)
-                if not (isinstance(record, list) and len(record) == 6):
-                    raise ValueError("not a list of six values")
-            except ValueError as exc:
-                log.warning("history: %s: skipped a line that is not an exchange (%s)",
-                            self.path, exc)
-                continue
-            records.append(record)
-        return records, (header or new_id("gen"), offset)
-
-    @staticmethod
-    def _header(line):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            return None
-        return value.get("generation") if isinstance(value, dict) else None
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
 
     def _run(self):
-        while not self._stop.is_set():
-            self._due.wait()
-            if self._stop.wait(self.flush_after):
-                return
-            self._due.clear()  # before moving: an exchange appended after the move sets it
-            try:
-                self.move()
-            except sqlite3.Error as exc:  # the exchanges stay here; /readyz shows the disk
-                log.warning("history: cannot move %d exchange(s) into the database yet: %s",
-                            len(self._held), exc)
-                self._due.set()
-                self._stop.wait(self.RETRY_AFTER)
-
-    def close(self):
-        """Stop the writer and move what is left (kept in the file if that fails)."""
-        self._stop.set()
-        self._due.set()
-        if self._thread is not None:
-            self._thread.join()
+        db = sqlite3.connect(self.store.path, timeout=0, isolation_level=None)
         try:
-            self.move()
-        except sqlite3.Error as exc:
-            log.warning("history: %d exchange(s) stay in %s, moved at the next start: %s",
-                        len(self._held), self.path, exc)
-        self._map.close()
-        os.close(self._fd)
-
-
-class HistoryWindow:
-    """A session's newest messages, exactly: the `size` newest the database and
-    the journal hold (fewer when they hold fewer), oldest first, as (role,
-    content). Adding an exchange keeps it exact."""
-
-    __slots__ = ("size", "messages", "bytes")
-    MESSAGE_BYTES = 64  # memory per message besides its text (its tuple, its slot)
-    WINDOW_BYTES = 256  # per window: this object, its list, its key and slot in Store
-
-    def __init__(self, size, messages):
-        self.size = size
-        self.messages = messages
-        self.bytes = self.WINDOW_BYTES + sum(self._cost(content) for _, content in messages)
-
-    def _cost(self, content):
-        return sys.getsizeof(content) + self.MESSAGE_BYTES
-
-    def add(self, user_text, reply, max_history):
-        """The exchange, and the window no longer than the database keeps (a
-        reload may have lowered max_history)."""
-        self.messages += (("user", user_text), ("assistant", reply))
-        self.bytes += self._cost(user_text) + self._cost(reply)
-        self.shrink(max_history)
-
-    def shrink(self, size):
-        self.size = max(0, min(self.size, size))
-        excess = len(self.messages) - self.size
-        if excess > 0:
-            self.bytes -= sum(self._cost(content) for _, content in self.messages[:excess])
-            del self.messages[:excess]
+            done = self.store.commits()
+            while not self._stop.wait(self.EVERY):
+                if self.store.commits() == done:
+                    continue
+                done = self.store.commits()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # a full disk: the WAL waits, nothing is lost
+                    log.warning("storage: checkpoint failed (%s); trying again in %gs",
+                                one_line(exc), self.EVERY)
+        finally:
+            db.close()
 
 
 class Store:
@@ -1147,16 +978,7 @@ class Store:
         # the TurnGate: Butler sets `parked`), so more accepts join the next fsync.
         self.slow_disk = False
         self.parked = contextlib.nullcontext
-        self.journal = None  # the daemon's HistoryJournal (the CLI writes no history)
-        self._current = {}  # user_id -> (session_id, last_active), see resolve_session
-        self._current_lock = threading.Lock()
-        self._windows = {}  # session_id -> HistoryWindow, least recently used first
-        self._windows_bytes = 0
-        self._windows_lock = threading.Lock()  # the map and its bytes, briefly
-        # A session's window is loaded, or an exchange recorded, under one of
-        # these (by session): a load never misses nor repeats an exchange
-        # recorded meanwhile, and a slow load holds up only its stripe.
-        self._session_locks = [threading.Lock() for _ in range(self.SESSION_LOCKS)]
+        self._checkpoints = None  # the daemon's Checkpointer (the CLI's commits checkpoint)
         try:
             with self.connection() as db:
                 db.executescript(SCHEMA)
@@ -1274,8 +1096,8 @@ class Store:
 
     def writable(self):
         """True unless the last write failed and a probe write still fails. It
-        never waits (waitress's loop thread asks it, for /readyz): while the
-        database is busy, the answer is "not yet"."""
+        never waits (a probe must answer at once): while the database is busy,
+        the answer is "not yet"."""
         if self.write_error is None:
             return True
         if not self._db_lock.acquire(blocking=False):
@@ -1294,28 +1116,22 @@ class Store:
             self._db_lock.release()
         return self.write_error is None
 
-    def keep_history_journal(self, flush_after=HistoryJournal.FLUSH_AFTER):
-        """The daemon's turns write their history behind (HistoryJournal);
-        returns how many exchanges a killed process had left to move."""
-        path = self.path + "-history"
-        try:
-            self.journal = HistoryJournal(path, self, flush_after)
-        except (OSError, sqlite3.Error) as exc:  # a full disk: no exchange in it is lost
-            log.warning("history: cannot use %s (%s); each turn commits its history itself, "
-                        "and what the file holds is moved at a later start", path, exc)
-            return 0
-        self.journal.start()
-        return self.journal.recovered
-
-    def journal_position(self):
-        row = self._read_one("SELECT generation, moved_to FROM history_journal WHERE id = 1")
-        return (row["generation"], row["moved_to"]) if row else None
+    def checkpoint_in_background(self):
+        """The daemon's turns never wait for a checkpoint (on an SD card it
+        fsyncs the database, tens of milliseconds): sqlite's automatic one, run
+        by whichever commit crosses 1000 pages while holding the connection,
+        is off, and a thread of its own checkpoints instead."""
+        with self.connection() as db:
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpoints = Checkpointer(self)
+        self._checkpoints.start()
 
     def close(self):
-        """The journal (its exchanges moved), the connection, the WAL's descriptor."""
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
+        """The checkpoints, the connection (sqlite checkpoints and removes the
+        WAL), the WAL's descriptor."""
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
+            self._checkpoints = None
         with self._db_lock:
             if self._db is not None:
                 self._db.close()
@@ -1323,6 +1139,47 @@ class Store:
         if self._wal is not None:
             os.close(self._wal)
             self._wal = None
+
+    def commits(self):
+        return self._committed
+
+    def import_old_journal(self):
+        """Versions up to 0.1 wrote turns' history behind, through <db>-history;
+        one killed with exchanges still in it left them there. They go into
+        `messages` once, in order, with the file's position in one transaction
+        (a crash before the file is removed imports nothing twice); then the
+        file and its position go. Returns how many exchanges were imported."""
+        path = self.path + "-history"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            with self.transaction() as db:
+                db.execute("DROP TABLE IF EXISTS history_journal")
+            return 0
+        except OSError as exc:
+            raise DataDirError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "rb") as handle:
+            lines = handle.read().split(b"\0", 1)[0].split(b"\n")[:-1]  # complete lines
+        header = old_journal_generation(lines[0]) if lines else None
+        with self.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS history_journal (id INTEGER PRIMARY KEY "
+                       "CHECK (id = 1), generation TEXT NOT NULL, moved_to INTEGER NOT NULL)")
+            row = db.execute("SELECT generation, moved_to FROM history_journal").fetchone()
+            moved_to = row["moved_to"] if header and row and row["generation"] == header else 0
+            offset, count = (len(lines[0]) + 1, 0) if header else (0, 0)
+            for line in lines[1:] if header else lines:
+                offset += len(line) + 1
+                record = old_journal_record(line) if line and offset > moved_to else None
+                if record:
+                    session_id, _, user_text, reply, created, max_history = record
+                    self.record_exchange(db, session_id, user_text, reply, max_history, created)
+                    count += 1
+            db.execute("INSERT OR REPLACE INTO history_journal VALUES (1, ?, ?)",
+                       (header or "", offset))
+        os.unlink(path)
+        with self.transaction() as db:
+            db.execute("DROP TABLE history_journal")
+        return count
 
     # --- sessions and history ------------------------------------------------
 
@@ -1337,34 +1194,15 @@ class Store:
             row = read_one("SELECT id FROM sessions WHERE id=? AND user_id=?",
                            (session_id, user_id))
             return row["id"] if row else None
-        current = self._current.get(user_id)
-        if current is None and self.journal is not None and self.journal.holds(user_id=user_id):
-            current = self.journal.latest_session(user_id)
-        if current is not None and current[1] >= now - idle_timeout:
-            return current[0]
-        find = ("SELECT id, last_active FROM sessions WHERE user_id=? AND last_active>=? "
+        find = ("SELECT id FROM sessions WHERE user_id=? AND last_active>=? "
                 "ORDER BY last_active DESC LIMIT 1", (user_id, now - idle_timeout))
         row = read_one(*find)
         if row is not None:
-            self._note_current(user_id, row["id"], row["last_active"])
             return row["id"]
-        if db is not None:  # not noted: the caller's transaction may still roll back
-            return self._new_session(db, user_id, find, now)
-        with self.transaction() as db:
-            sid = self._new_session(db, user_id, find, now)
-        self._note_current(user_id, sid, now)
-        return sid
-
-    CURRENT_KEPT = 4096  # users whose current session is remembered (about 300 bytes each)
-
-    def _note_current(self, user_id, session_id, last_active):
-        """Remember the user's current session: the one with the newest activity
-        (this process alone writes sessions and history, so it stays true)."""
-        with self._current_lock:
-            self._current.pop(user_id, None)
-            self._current[user_id] = (session_id, last_active)
-            if len(self._current) > self.CURRENT_KEPT:  # the least recently noted goes
-                del self._current[next(iter(self._current))]
+        if db is None:
+            with self.transaction() as db:
+                return self._new_session(db, user_id, find, now)
+        return self._new_session(db, user_id, find, now)
 
     def _new_session(self, db, user_id, find, now):
         row = db.execute(*find).fetchone()  # another thread may have just made it
@@ -1375,88 +1213,24 @@ class Store:
                    (sid, user_id, now, now))
         return sid
 
-    HISTORY_KEPT_BYTES = 4 << 20  # sessions' newest messages kept in memory (see history)
-    SESSION_LOCKS = 32
-
-    def _session_lock(self, session_id):
-        return self._session_locks[hash(session_id) % self.SESSION_LOCKS]
-
     def history(self, session_id, limit):
         """The newest `limit` messages, from the first user message among them:
         chat templates (Gemma, Mistral) refuse a history that opens with the
-        assistant. Tool calls are never stored, so none is split from its result.
+        assistant. Tool calls are never stored, so none is split from its result."""
+        rows = self._read(
+            "SELECT role, content FROM messages WHERE session_id=? ORDER BY id DESC LIMIT ?",
+            (session_id, limit))
+        window = [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
+        while window and window[0]["role"] != "user":
+            window.pop(0)
+        return window
 
-        Served from memory: the newest messages of the sessions used last (about
-        a thousand conversations of short messages fit HISTORY_KEPT_BYTES) are
-        kept up to date by record_exchange, since this process alone writes
-        history. Reading them from sqlite was a tenth of a sync request's CPU."""
-        with self._session_lock(session_id):
-            window = self._take_window(session_id)
-            if window is None or window.size < limit:
-                window = HistoryWindow(limit, self._read_history(session_id, limit))
-            window.shrink(limit)  # no longer than the database keeps (see add)
-            messages = list(window.messages)
-            self._keep_window(session_id, window)
-        start = next((n for n, (role, _) in enumerate(messages) if role == "user"),
-                     len(messages))
-        return [{"role": role, "content": content} for role, content in messages[start:]]
-
-    def _read_history(self, session_id, limit):
-        """The newest `limit` messages in the database and the journal, oldest
-        first, as (role, content)."""
-        newest = ("SELECT role, content FROM messages WHERE session_id=? ORDER BY id DESC "
-                  "LIMIT ?", (session_id, limit))
-        if self.journal is not None and self.journal.holds(session_id=session_id):
-            with self.journal.reading(session_id) as held:
-                rows = self._read(*newest)
-        else:
-            rows, held = self._read(*newest), []
-        messages = [(sys.intern(row["role"]), row["content"]) for row in reversed(rows)]
-        messages += held
-        return messages[-limit:] if limit > 0 else []
-
-    def _take_window(self, session_id):
-        with self._windows_lock:
-            window = self._windows.pop(session_id, None)
-            if window is not None:
-                self._windows_bytes -= window.bytes
-            return window
-
-    def _keep_window(self, session_id, window):
-        """Kept as the most recently used; the least recently used go first. A
-        window over a quarter of the budget is not kept: one session of huge
-        messages would push every other out on each of its turns."""
-        if window.bytes > self.HISTORY_KEPT_BYTES // 4:
-            return
-        with self._windows_lock:
-            self._windows[session_id] = window
-            self._windows_bytes += window.bytes
-            while self._windows_bytes > self.HISTORY_KEPT_BYTES:
-                oldest = next(iter(self._windows))
-                self._windows_bytes -= self._windows.pop(oldest).bytes
-
-    def record_exchange(self, session_id, user_id, user_text, reply, max_history):
-        """The user's message and the reply: into the journal when the daemon
-        keeps one (and writing works), else committed here; and into the
-        session's window in memory, under the lock its load holds."""
-        now = self.clock()
-        journal = self.journal
-        with self._session_lock(session_id):
-            if journal is None or self.write_error is not None or not journal.append(
-                    session_id, user_id, user_text, reply, now, max_history):
-                if journal is not None:
-                    journal.move()  # the older exchanges first: history keeps its order
-                with self.transaction() as db:
-                    self.insert_exchange(db, session_id, user_text, reply, now, max_history)
-            window = self._take_window(session_id)
-            if window is not None:
-                window.add(user_text, reply, max_history)
-                self._keep_window(session_id, window)
-        self._note_current(user_id, session_id, now)
-
-    def insert_exchange(self, db, session_id, user_text, reply, created, max_history):
-        """Both messages, then the session trimmed to its newest max_history
+    def record_exchange(self, db, session_id, user_text, reply, max_history, created=None):
+        """Inside the transaction that finishes a turn (with its idempotency key
+        or its job), so a killed process records an exchange once or not at all:
+        both messages, then the session trimmed to its newest max_history
         messages (a trigger touches the session)."""
+        created = self.clock() if created is None else created
         db.execute("INSERT INTO messages (session_id, role, content, created) "
                    "VALUES (?,'user',?,?), (?,'assistant',?,?)",
                    (session_id, user_text, created, session_id, reply, created))
@@ -1580,13 +1354,16 @@ class Store:
                 hold(row["seq"])
             return row
 
-    def finish_job(self, job, body, deliver, outgoing=None):
-        """The turn is over: keep its result (for GET .../messages/{id}) and, if
-        it is to be delivered, put it (or `outgoing`, what its channel sends) in
-        the outbox, in one transaction, so a crash between the two cannot lose
-        or repeat it."""
+    def finish_job(self, job, body, deliver, outgoing=None, exchange=None):
+        """The turn is over: keep its result (for GET .../messages/{id}), its
+        exchange in history (`exchange`: (user_text, reply, max_history)) and,
+        if it is to be delivered, put it (or `outgoing`, what its channel sends)
+        in the outbox, in one transaction, so a crash between them cannot lose
+        or repeat any."""
         now = self.clock()
         with self.transaction() as db:
+            if exchange is not None:
+                self.record_exchange(db, job["session_id"], *exchange)
             db.execute("UPDATE jobs SET state='done', finished=?, result=? WHERE seq=?",
                        (now, json.dumps(body), job["seq"]))
             if deliver:
@@ -1718,11 +1495,6 @@ class Store:
                        (now - idempotency_ttl,))
             db.execute("DELETE FROM deliveries WHERE state='delivered' AND finished < ?",
                        (now - keep_done,))
-        with self._windows_lock:  # no window keeps what the trim deleted
-            for window in self._windows.values():  # (a window in use is shrunk by its user)
-                self._windows_bytes -= window.bytes
-                window.shrink(max_history)
-                self._windows_bytes += window.bytes
 
 
 # === Metrics (Prometheus text format) =======================================
@@ -2962,7 +2734,8 @@ class Agent:
 
     def run_turn(self, request, session_id, message_id=None):
         """Returns {"reply", "session_id", "tool_calls"} (and "truncated": true when the
-        token limit cut the reply off); raises ApiError."""
+        token limit cut the reply off); raises ApiError. The caller records the
+        exchange (record_exchange) in the transaction that finishes the turn."""
         agent, sessions = self.settings.agent, self.settings.sessions
         metadata = request.get("metadata") or {}
         ctx = ToolContext(request["user_id"], session_id, metadata, self.store, message_id)
@@ -2999,8 +2772,6 @@ class Agent:
             else:
                 reply = (f"I stopped after {agent.max_steps} model calls without reaching an "
                          "answer ([agent] max_steps). Please try a simpler request.")
-            self.store.record_exchange(session_id, request["user_id"], request["message"],
-                                       reply, sessions.max_history)
             outcome = "ok"
         finally:
             self.metrics.inc("aibutler_agent_turns_total",
@@ -3138,13 +2909,12 @@ class TwilioMessages:
 # turn workers) starts a spare thread meanwhile, so [server] threads and
 # [delivery] workers count only threads that are free for quick work (accepts,
 # builtin turns), and 50 slow turns take 50 parked threads (about 15 kB each),
-# not a queue. Health probes never wait for a thread at all: waitress's loop
-# thread answers them (Daemon). An async message is committed before its 202;
-# durable commits share their fsync (Store._sync_through), so a slow SD card
-# costs one fsync per batch of accepts, not one each. A turn's history is
-# written behind (HistoryJournal): copied into a memory-mapped file that
-# survives a killed process, and moved into sqlite for many turns at once; the
-# history a turn reads comes from memory (HistoryWindow), not from sqlite.
+# not a queue; health probes find a free request thread however many senders
+# wait. An async message is committed before its 202; durable commits share
+# their fsync (Store._sync_through), so a slow SD card costs one fsync per
+# batch of accepts, not one each. A turn's exchange is recorded in the
+# transaction that finishes it (its idempotency key, its job), so a killed
+# process records it once or not at all.
 
 def sign_payload(secret, message_id, timestamp, body):
     """Standard Webhooks v1: base64 HMAC-SHA256 of "id.timestamp.body", keyed
@@ -3398,15 +3168,18 @@ class Inbox:
                 raise unknown_session()
             with self.gate.turn(user_id, arrived, timeout=turn_time_limit(self.settings)):
                 result = self.agent.run_turn(request, session_id)
+            with self.store.transaction() as db:  # the exchange and the key: both or neither
+                self.store.record_exchange(db, session_id, request["message"], result["reply"],
+                                           self.settings.sessions.max_history)
+                if key:
+                    self.store.idempotency_finish(db, user_id, key, 200, result)
         except BaseException:
             if key:
                 self.store.idempotency_drop(user_id, key)  # a retry may run it again
-                self._announce()
             raise
-        if key:
-            with self.store.transaction() as db:
-                self.store.idempotency_finish(db, user_id, key, 200, result)
-            self._announce()
+        finally:
+            if key:
+                self._announce()
         return 200, result, False
 
     def accept(self, request, key=None, wait=0, channel="webhook", status_path=None,
@@ -3779,8 +3552,10 @@ class TurnWorkers(WorkerPool):
         deliver = self.delivered(job)
         outgoing = (twilio_outgoing(request, body, self.settings.twilio.error_reply)
                     if job["channel"] == "twilio" else None)
+        exchange = (None if "error" in body else
+                    (request["message"], body["reply"], self.settings.sessions.max_history))
         self.handover.finish(job["message_id"], body, lambda taken: self.store.finish_job(
-            job, body, deliver and not taken, outgoing))
+            job, body, deliver and not taken, outgoing, exchange))
         self.dispatcher.notify()
         self.notify()  # this user's next message, if any, may start now
 
@@ -4574,21 +4349,12 @@ class MetricsResource:
         resp.text = self.metrics.render()
 
 
-ACCESS_LINE = {"access_line": True}  # a request's log line: BatchedLogHandler may hold it
-
-
 class RequestLog:
     """One log line and one metrics sample per request; the message text is never
-    logged. The daemon writes the line with BatchedLogHandler.access_line (no
-    LogRecord); elsewhere (tests, an embedding program) it goes through logging."""
+    logged."""
 
-    def __init__(self, metrics, write_line=None):
+    def __init__(self, metrics):
         self.metrics = metrics
-        self.write_line = write_line or self.log_line
-
-    @staticmethod
-    def log_line(text):
-        log.info("%s", text, extra=ACCESS_LINE)
 
     def process_request(self, req, resp):
         req.context.started = time.monotonic()
@@ -4598,7 +4364,7 @@ class RequestLog:
         status = falcon.http_status_to_code(resp.status)
         path = req.path if resource is not None else "(unmatched)"
         if not getattr(req.context, "quiet", False):
-            self.write_line(f"{req.method} {req.path} {status} {seconds * 1000:.1f}ms")
+            log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
         self.metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
         self.metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
 
@@ -4963,10 +4729,10 @@ class OpenApiResource:
 
 
 def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, store, handover,
-               gate, vault=None, access_line=None):
+               gate, vault=None):
     """The falcon app: each resource gets only the parts it uses."""
     load_web_stack()
-    app = falcon.App(middleware=[RequestLog(metrics, access_line)])
+    app = falcon.App(middleware=[RequestLog(metrics)])
     # falcon's default handler makes a JSON encoder for every answer; the same
     # text (ensure_ascii=False) from one made once.
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
@@ -5025,13 +4791,13 @@ class Butler:
         metrics.gauge("aibutler_requests_waiting", lambda: self.handover.waiting)
         self._started = False
 
-    def app(self, access_line=None):
-        """access_line: writes a request's log line (default: through logging)."""
+    def app(self):
         return create_app(self.settings, self.auth, self.limits, self.inbox, self.metrics,
                           self.readiness, self.stopping, self.store, self.handover, self.gate,
-                          self.vault, access_line)
+                          self.vault)
 
     def start(self):
+        self.store.checkpoint_in_background()
         jobs, sends = self.store.recover()
         if jobs or sends:
             log.info("recovered from the last run: %d turn(s) to run, %d callback(s) to send",
@@ -5144,53 +4910,33 @@ class Watchdog:
         return found
 
 
-class GlibcMalloc:
-    """Memory given back after a burst. Threads come and go with the load
-    (TurnGate); glibc gives each thread that allocates an arena of its own
-    (up to 8 per core) and keeps what is freed there. So: two arenas, as
-    MALLOC_ARENA_MAX=2 would give, set before any thread starts, and
-    malloc_trim() once the threads of a burst have ended. Nothing happens where
-    the C library is not glibc (musl, macOS)."""
+def c_library():
+    """glibc's malloc controls, or None (musl, macOS, a Python without ctypes)."""
+    try:
+        import ctypes  # here: only serving needs it
+        libc = ctypes.CDLL(None)
+    except (ImportError, OSError) as exc:
+        log.debug("memory: no C library calls (%s); memory is left to it", exc)
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
-    M_ARENA_MAX = -8  # from glibc's malloc.h
-    ARENAS = 2  # glibc's default is 8 per core
 
-    def __init__(self):
-        self.mallopt = self.malloc_trim = None
-        try:
-            import ctypes  # here: only serving needs it
-            libc = ctypes.CDLL(None)
-        except (ImportError, OSError) as exc:  # a Python built without ctypes
-            log.debug("memory: no C library calls (%s); memory is left to it", exc)
-            return
-        self.mallopt = getattr(libc, "mallopt", None)
-        self.malloc_trim = getattr(libc, "malloc_trim", None)
-
-    def limit_arenas(self):
-        if self.mallopt is not None:
-            self.mallopt(self.M_ARENA_MAX, self.ARENAS)
-
-    def trim(self):
-        if self.malloc_trim is not None:
-            self.malloc_trim(0)
-
+M_ARENA_MAX = -8  # from glibc's malloc.h
+MALLOC_ARENAS = 2  # glibc's default is 8 per core, each keeping what its threads freed
 
 class Maintenance:
     """A background thread: a watchdog tick every few seconds under systemd
-    (elsewhere /readyz tells the same, on demand), storage pruned hourly so
-    the file does not grow on a device left alone for months, and memory
-    trimmed after a burst of threads."""
+    (elsewhere /readyz tells the same, on demand), and storage pruned hourly so
+    the file does not grow on a device left alone for months."""
 
     TICK_EVERY = 10.0    # seconds, at most (less when systemd's watchdog asks)
     PRUNE_EVERY = 3600.0
 
-    def __init__(self, store, settings, watchdog, env, malloc=None):
+    def __init__(self, store, settings, watchdog, env):
         self.store = store
         self.settings = settings
         self.watchdog = watchdog
         self.under_systemd = bool(env.get("NOTIFY_SOCKET"))
-        self.malloc = malloc
-        self._threads_seen = threading.active_count()
 
     def start(self, stopped):
         threading.Thread(target=self._run, args=(stopped,), name="maintenance",
@@ -5207,16 +4953,22 @@ class Maintenance:
                     next_prune = time.monotonic() + self.PRUNE_EVERY
                     self.store.prune(self.settings.delivery.idempotency_ttl,
                                      self.settings.sessions.max_history)
-                self._trim_after_burst()
             except sqlite3.Error as exc:  # no tick this time (systemd notices); go on
                 log.error("maintenance: the database failed: %s", one_line(exc))
 
-    def _trim_after_burst(self):
-        """Threads ended since the last tick: what they freed goes back to the system."""
-        threads = threading.active_count()
-        if self.malloc is not None and threads < self._threads_seen:
-            self.malloc.trim()
-        self._threads_seen = threads
+
+# What this part uses of waitress beyond create_server() and run(), by the
+# object that has it; tests/test_layout.py fails when one disappears. CI runs
+# waitress 2.1 (Debian bookworm) and the newest 3.x (pip).
+WAITRESS_INTERNALS = {
+    "server": ("_map", "asyncore", "channel_class", "task_dispatcher", "trigger", "accepting",
+               "pull_trigger", "effective_host", "effective_port"),
+    "server.asyncore": ("loop", "dispatcher"),
+    "server.task_dispatcher": ("set_thread_count", "threads", "stop_count", "shutdown"),
+    "channel": ("requests", "request", "will_close", "addr", "total_outbufs_len",
+                "outbuf_lock", "writable"),
+    "channel.request": ("headers_finished",),
+}
 
 
 class Daemon:
@@ -5227,17 +4979,11 @@ class Daemon:
 
     waitress has no public stop API, no per-client limits and a fixed thread
     count, so the daemon runs waitress's own loop one poll at a time and uses
-    a few internals (`server._map`, `asyncore`, `channel_class`, `add_task`,
-    `task_dispatcher.set_thread_count`, a channel's `service()`, `request`,
-    `requests` (their `path`, `command`, `error`), `will_close` and buffers):
-    checked by CI on waitress 2.1 (Debian) and 3.x (pip)."""
+    the internals listed in WAITRESS_INTERNALS."""
 
     BODY_SLACK = 65536  # bytes waitress reads beyond max_body_bytes (headers, chunking)
 
-    def __init__(self, config, vault, store, config_path=None, env=None, malloc=None,
-                 access_line=None):
-        self.malloc = malloc  # GlibcMalloc, or None: leave memory to the C library
-        self.access_line = access_line  # writes a request's log line (RequestLog)
+    def __init__(self, config, vault, store, config_path=None, env=None):
         self.vault = vault
         self.store = store
         self.config_path = config_path
@@ -5250,8 +4996,6 @@ class Daemon:
         self.watchdog = Watchdog(self.butler.readiness, store, self.env, lambda: self.loop_beat)
         self.guard = None  # a ConnectionGuard once the server exists
         self.request_threads = None  # RequestThreads, likewise
-        self._probes = collections.deque()  # channels whose next request is a probe
-        self._loop_thread = None
         self.inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -5283,7 +5027,7 @@ class Daemon:
             # X-Forwarded-* reach the app, which believes them only from
             # [server] trusted_proxies (waitress's own option takes one address).
             server = waitress.create_server(
-                self.wsgi(self.butler.app(self.access_line)), host=server_cfg.host,
+                self.wsgi(self.butler.app()), host=server_cfg.host,
                 port=server_cfg.port, threads=server_cfg.threads,
                 connection_limit=server_cfg.connection_limit,
                 channel_timeout=math.ceil(server_cfg.channel_timeout), ident="",
@@ -5298,17 +5042,17 @@ class Daemon:
             return EXIT_CANNOT_LISTEN
         self.guard = ConnectionGuard(server, lambda: self.settings.server)
         self.request_threads = RequestThreads(server.task_dispatcher, server_cfg.threads)
-        self._dispatch, server.add_task = server.add_task, self._add_task
         for signum in (signal.SIGTERM, signal.SIGINT):  # before anyone can see us listening
             signal.signal(signum, self._on_stop_signal(server))
         signal.signal(signal.SIGHUP, self._on_reload_signal(server))
         self.butler.start()
         self._log_startup(server)
         self.watchdog.address = f"{server.effective_host}:{server.effective_port}"
-        if self.malloc is not None:  # what importing and starting freed goes back
-            self.malloc.trim()
+        libc = c_library()
+        if libc is not None:  # what importing and starting freed goes back to the system
+            libc.malloc_trim(0)
         sd_notify("READY=1\nSTATUS=" + self.watchdog.status_text(), self.env)
-        Maintenance(self.store, self.settings, self.watchdog, self.env, self.malloc).start(
+        Maintenance(self.store, self.settings, self.watchdog, self.env).start(
             self.stop_requested)
         self._serve(server)
         self._shutdown(server)
@@ -5351,29 +5095,12 @@ class Daemon:
             server.pull_trigger()
         return handler
 
-    PROBES = ("/healthz", "/readyz")
-
-    def _add_task(self, channel):
-        """waitress hands over a connection whose next request is complete (in its
-        loop thread, or in a request thread after a pipelined request). A health
-        probe is answered by the loop thread right after this poll (_poll):
-        probes never wait for a request thread, even when all of them are busy."""
-        request = channel.requests[0]
-        if (not request.error and request.path in self.PROBES  # no path when it failed to parse
-                and request.command in ("GET", "HEAD")
-                and threading.current_thread() is self._loop_thread):
-            self._probes.append(channel)
-        else:
-            self._dispatch(channel)
-
-    def _poll(self, server, timeout):
+    @staticmethod
+    def _poll(server, timeout):
         server.asyncore.loop(timeout=timeout, map=server._map, use_poll=True, count=1)
-        while self._probes:
-            self._probes.popleft().service()
 
     def _serve(self, server):
         """waitress's own loop, one poll at a time, so a stop can be graceful."""
-        self._loop_thread = threading.current_thread()
         next_sweep = 0.0
         while not self.stop_requested.is_set():
             self._poll(server, 1.0)
@@ -5658,35 +5385,10 @@ class LogFormatter(logging.Formatter):
         record.message = printable(record.message)
         return super().formatMessage(record)
 
-    def formatTime(self, record, datefmt=None):
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        return self._time(int(record.created), record.msecs)
-
-    def _time(self, second, msecs):
-        """The default format, its seconds part made once a second: strftime on
-        every request's line cost more than the rest of the line."""
-        made, stamp = self._stamp
-        if second != made:
-            stamp = time.strftime(self.default_time_format, self.converter(second))
-            self._stamp = second, stamp  # one tuple: threads never see half of it
-        return self.default_msec_format % (stamp, msecs)
-
-    _stamp = (None, "")
-
     def _prefix(self, levelno):
         if not self.journal:
             return ""
         return f"<{next((p for lv, p in self.PRIORITIES if levelno >= lv), 7)}>"
-
-    def info_line(self, name, message):
-        """The line format() makes of an INFO record of logger `name`, made
-        without one (see BatchedLogHandler.access_line)."""
-        if self.journal:
-            return f"{self._prefix(logging.INFO)}INFO {name}: {printable(message)}"
-        now = time.time_ns()
-        stamp = self._time(now // 1_000_000_000, now // 1_000_000 % 1000)
-        return f"{stamp} INFO {name}: {printable(message)}"
 
     def format(self, record):
         """A traceback's lines are indented (and prefixed), so none can pass for
@@ -5719,89 +5421,20 @@ def on_journal(env, stream):
     return env.get("JOURNAL_STREAM") == f"{info.st_dev}:{info.st_ino}"
 
 
-class BatchedLogHandler(logging.StreamHandler):
-    """Requests' log lines (ACCESS_LINE) are written together, at most
-    FLUSH_AFTER seconds late: one write for each line woke journald, or whatever
-    reads stderr, once per request, about a tenth of the daemon's CPU time under
-    load. Every other line is written at once, after those held before it, so
-    the order stays; the held lines are written at exit too."""
-
-    FLUSH_AFTER = 0.1  # seconds
-    MAX_HELD = 500  # lines
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._held = []
-        self._due = threading.Event()
-        threading.Thread(target=self._flush_later, name="log-flush", daemon=True).start()
-
-    def access_line(self, text):
-        """A request's line (RequestLog), as log.info(text) would write it but
-        without logging's LogRecord machinery: that cost a tenth of a sync
-        request's CPU time."""
-        if not log.isEnabledFor(logging.INFO):
-            return
-        line = self.formatter.info_line(log.name, text) + self.terminator
-        with self.lock:
-            try:
-                self._hold(line, write_now=False)
-            except Exception:  # as emit() does: report on stderr, never raise
-                self.handleError(logging.makeLogRecord({"msg": text}))
-
-    def emit(self, record):
-        """Under the handler's lock (Handler.handle holds it)."""
-        try:
-            self._hold(self.format(record) + self.terminator,
-                       write_now=not getattr(record, "access_line", False))
-        except Exception:  # logging's own policy: report on stderr, never raise
-            self.handleError(record)
-
-    def _hold(self, line, write_now):
-        """Under the handler's lock: the line after those held, all written now
-        if asked or if too many wait, else within FLUSH_AFTER."""
-        self._held.append(line)
-        if write_now or len(self._held) >= self.MAX_HELD:
-            self._write_held()
-        elif len(self._held) == 1:
-            self._due.set()
-
-    def flush(self):
-        with self.lock:
-            self._write_held()
-
-    def _write_held(self):
-        if self._held:
-            text = "".join(self._held)
-            self._held.clear()
-            self.stream.write(text)
-            self.stream.flush()
-
-    def _flush_later(self):
-        while True:
-            self._due.wait()
-            time.sleep(self.FLUSH_AFTER)
-            self._due.clear()  # before flushing: a line held after the flush sets it again
-            self.flush()
-
-
 def setup_logging(level, env=None):
     env = os.environ if env is None else env
-    handler = BatchedLogHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter(journal=on_journal(env, sys.stderr)))
     logging.basicConfig(level=level.upper(), handlers=[handler])
-    # The lines name no thread, process or source line: not looking them up for
-    # each record (the logging HOWTO's "Optimization") saves a third of a line's cost.
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None
-    return handler
 
 
 THREAD_STACK_BYTES = 1 << 20  # 1 MiB: hundreds of parked threads fit a 32-bit Pi's memory
 
 
 def cmd_run(args):
-    malloc = GlibcMalloc()
-    malloc.limit_arenas()  # before any thread starts
+    libc = c_library()
+    if libc is not None:  # before any thread starts (MALLOC_ARENA_MAX=2, from a shell too)
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     threading.stack_size(THREAD_STACK_BYTES)  # not the 8 MB default: threads come and go
     try:
         load_web_stack()
@@ -5814,16 +5447,19 @@ def cmd_run(args):
     if args.port is not None:  # 0 (any free port) only from the command line
         config.server.port = args.port
     check_listen_address(config.server)
-    log_handler = setup_logging(config.server.log_level, env)
+    setup_logging(config.server.log_level, env)
     data_dir = ensure_data_dir(data_dir_from_env(env))
+    lock_data_dir(data_dir)  # held until the process ends
     vault = open_vault(env)
     check_twilio_token(config, vault, data_dir, env)
     for warning in data_dir_warnings(data_dir, fresh=not os.path.lexists(vault.path)):
         log.warning("files: %s", warning)
     store = open_store(data_dir)
-    store.keep_history_journal()
-    return Daemon(config, vault, store, args.config, env, malloc,
-                  log_handler.access_line).run()
+    imported = store.import_old_journal()
+    if imported:
+        log.warning("history: moved %d exchange(s) that an older version had left in its "
+                    "history journal into the database", imported)
+    return Daemon(config, vault, store, args.config, env).run()
 
 
 def check_listen_address(server):

@@ -107,8 +107,7 @@ def test_database_files_are_0600_whatever_the_umask(daemon, receiver):
         assert d.post({"user_id": "u", "message": "hi"})[0] == 200
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.data.iterdir()
                  if p.name.startswith("aibutler.db")}
-        assert set(modes) == {"aibutler.db", "aibutler.db-wal", "aibutler.db-shm",
-                              "aibutler.db-history"}  # the history journal
+        assert set(modes) == {"aibutler.db", "aibutler.db-wal", "aibutler.db-shm"}
         assert set(modes.values()) == {0o600}, modes
         assert d.stop() == 0
     finally:
