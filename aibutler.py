@@ -484,6 +484,15 @@ CONFIG_SCHEMA = {
     },
 }
 
+# What an active channel cannot work without, beyond each key's own parse: keys
+# that must not be empty (checked by load_config), vault entries (checked at start).
+CHANNEL_NEEDS = {
+    "twilio": {
+        "keys": {"account_sid": "replies sent later go through the account's Messages API "
+                                "(copy the Account SID from Twilio's console)"},
+        "vault": {TWILIO_TOKEN_NAME: "the account's Auth Token"}},
+}
+
 # Environment variables that override a config key.
 ENV_OVERRIDES = {
     "AIBUTLER_WEBHOOK_OUTBOUND_URL": ("channels.webhook", "outbound_url"),
@@ -503,17 +512,14 @@ class Config:
         for section, keys in values.items():
             setattr(self, section.split(".")[-1], types.SimpleNamespace(**keys))
 
-    @property
-    def webhook_enabled(self):
-        return self.webhook.enabled and "webhook" in self.channels.active
+    def channel_active(self, name):
+        """Named in [channels] active, and not turned off by its own `enabled`."""
+        section = getattr(self, name)
+        return name in self.channels.active and getattr(section, "enabled", True)
 
     @property
     def async_mode(self):
         return bool(self.webhook.outbound_url)
-
-    @property
-    def twilio_enabled(self):
-        return "twilio" in self.channels.active
 
 
 class Settings:
@@ -600,28 +606,32 @@ def load_config(explicit=None, env=None, data_dir=None):
                 shown = "" if getattr(parse, "redact", False) else f" = {raw[section][key]!r}"
                 raise ConfigError(f"{where}{shown}: {exc}") from None
     config = Config(values, source=path, warnings=warnings)
-    taken = set(RESERVED_PATHS).intersection({config.webhook.path})
-    if taken:
-        where = origin.get(("channels.webhook", "path"), "[channels.webhook] path")
-        raise ConfigError(f"{where} = {config.webhook.path!r}: {taken.pop()} is the daemon's "
-                          "own; choose another path")
-    if config.twilio_enabled:
-        check_twilio_config(config, origin)
+    check_channels(config, origin)
     return config
 
 
-def check_twilio_config(config, origin):
-    """What the Twilio channel cannot work without, beyond each key's own parse."""
-    where = origin.get(("channels.twilio", "path"), "[channels.twilio] path")
-    path = config.twilio.path
-    if path in RESERVED_PATHS or (config.webhook_enabled and (
-            path == config.webhook.path or path.startswith(config.webhook.path + "/"))):
-        raise ConfigError(f"{where} = {path!r}: the path is taken by the daemon or the "
-                          "webhook channel; choose another path")
-    if not config.twilio.account_sid:
-        raise ConfigError("[channels.twilio] account_sid is empty: twilio is in [channels] "
-                          "active, and replies sent later go through the account's Messages "
-                          "API (copy the Account SID from Twilio's console)")
+def check_channels(config, origin):
+    """[channels] active names known channels; each active one has a path of its
+    own (not the daemon's, not inside another channel's) and the keys it needs."""
+    known = [section.split(".", 1)[1] for section in CONFIG_SCHEMA
+             if section.startswith("channels.")]
+    unknown = [name for name in config.channels.active if name not in known]
+    if unknown:
+        raise ConfigError(f"[channels] active: unknown channel {unknown[0]!r}; the known "
+                          f"channels are: {', '.join(known)}")
+    owners = {path: "the daemon" for path in RESERVED_PATHS}
+    for name in (name for name in known if config.channel_active(name)):
+        path = getattr(config, name).path
+        where = origin.get((f"channels.{name}", "path"), f"[channels.{name}] path")
+        for taken, owner in owners.items():
+            if path == taken or path.startswith(taken + "/") or taken.startswith(path + "/"):
+                raise ConfigError(f"{where} = {path!r}: the path is taken by {owner}; "
+                                  "choose another path")
+        owners[path] = f"the {name} channel"
+        for key, why in CHANNEL_NEEDS.get(name, {}).get("keys", {}).items():
+            if not getattr(getattr(config, name), key):
+                raise ConfigError(f"[channels.{name}] {key} is empty: {name} is in "
+                                  f"[channels] active, and {why}")
 
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")  # create_app adds them
@@ -820,13 +830,15 @@ def accepted_secrets(vault, grace, now=None):
     return found
 
 
-def check_twilio_token(config, vault, data_dir, env):
-    """At start, before listening: Twilio's requests cannot be checked, nor
-    replies sent, without the account's Auth Token."""
-    if config.twilio_enabled and not vault.get(TWILIO_TOKEN_NAME):
-        raise ConfigError(f"twilio is in [channels] active but the vault has no "
-                          f"{TWILIO_TOKEN_NAME}; store the account's Auth Token with: "
-                          + command_hint(data_dir, "vault", "set", TWILIO_TOKEN_NAME, env=env))
+def check_channel_secrets(config, vault, data_dir, env):
+    """At start, before listening: what an active channel cannot check requests
+    or send replies without (Twilio's Auth Token)."""
+    for name, needs in CHANNEL_NEEDS.items():
+        for entry, what in needs.get("vault", {}).items():
+            if config.channel_active(name) and not vault.get(entry):
+                raise ConfigError(f"{name} is in [channels] active but the vault has no "
+                                  f"{entry}; store {what} with: "
+                                  + command_hint(data_dir, "vault", "set", entry, env=env))
 
 
 # === Storage (sqlite) =======================================================
@@ -2785,120 +2797,6 @@ class Agent:
         return result
 
 
-# === Twilio: signatures, TwiML, the Messages API ============================
-
-def twilio_signature(token, url, params):
-    """X-Twilio-Signature: base64 HMAC-SHA1, keyed with the Auth Token, of the
-    URL Twilio called followed by each POST parameter's name and value, sorted
-    by name (a repeated name's values sorted, duplicates once, as Twilio's own
-    RequestValidator does)."""
-    values = {}
-    for name, value in params:
-        values.setdefault(name, set()).add(value)
-    text = url + "".join(name + value for name in sorted(values)
-                         for value in sorted(values[name]))
-    digest = hmac.new(token.encode(), text.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
-
-
-def twilio_url_variants(url):
-    """The URL with and without its scheme's default port: Twilio signs
-    either (its RequestValidator accepts both)."""
-    parts = urllib.parse.urlsplit(url)
-    default = {"https": 443, "http": 80}.get(parts.scheme)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    try:
-        port = parts.port
-    except ValueError:
-        return [url]
-    if port not in (None, default):
-        return [url]
-    bare = parts._replace(netloc=host).geturl()
-    return [bare, parts._replace(netloc=f"{host}:{default}").geturl()]
-
-
-TWILIO_MAX_CHARS = 1600  # Twilio refuses a longer message body (error 21617)
-SENTENCE_END = re.compile(r"[.!?…](?=\s)|\n")
-
-
-def split_reply(text, limit=TWILIO_MAX_CHARS):
-    """A reply as the messages that carry it: one if it fits, else parts
-    numbered "(1/3) ", cut at a sentence end, else between words."""
-    text = text.strip()
-    if len(text) <= limit:
-        return [text]
-    count = 2
-    while True:
-        room = limit - len(f"({count}/{count}) ")
-        chunks = chunk_text(text, room)
-        if len(chunks) <= count:
-            return [f"({i}/{len(chunks)}) {chunk}" for i, chunk in enumerate(chunks, 1)]
-        count = len(chunks)
-
-
-def chunk_text(text, size):
-    chunks = []
-    while len(text) > size:
-        ends = [m.end() for m in SENTENCE_END.finditer(text, 0, size + 1) if m.end() <= size]
-        cut = ends[-1] if ends and ends[-1] >= size // 2 else 0
-        if not cut:
-            spaces = [m.start() for m in re.finditer(r"\s", text[:size + 1])]
-            cut = spaces[-1] if spaces and spaces[-1] > 0 else size
-        chunks.append(text[:cut].strip())
-        text = text[cut:].strip()
-    return chunks + [text] if text else chunks
-
-
-XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def twiml(messages=()):
-    """A TwiML answer: each text a <Message>; none is an empty <Response/>."""
-    def escape(text):
-        text = XML_FORBIDDEN.sub("", text)
-        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    inner = "".join(f"<Message>{escape(text)}</Message>" for text in messages)
-    return ('<?xml version="1.0" encoding="UTF-8"?>'
-            + (f"<Response>{inner}</Response>" if inner else "<Response/>"))
-
-
-def twilio_reply_parts(result, error_reply):
-    """What a finished turn says to the texter: its reply, or the apology."""
-    return split_reply(error_reply if "error" in result else result["reply"])
-
-
-def twilio_outgoing(request, result, error_reply):
-    """The outbox entry of a reply sent later through the Messages API: to
-    the texter, from the number they wrote to, in parts, none sent yet."""
-    return {"message_id": result["message_id"], "to": request["user_id"],
-            "from": request["metadata"]["to"], "parts": twilio_reply_parts(result, error_reply),
-            "sent": 0}
-
-
-TWILIO_API_TIMEOUT = 15.0  # seconds one Messages API request may take
-
-
-class TwilioMessages:
-    """Twilio's Messages REST API: one message, one form POST, basic auth
-    with the Account SID and the vault's Auth Token."""
-
-    def __init__(self, settings, vault):
-        self.settings = settings
-        self.vault = vault
-
-    def send(self, to, sender, text):
-        """(status, headers, body) of one POST; raises OSError when no answer came."""
-        twilio = self.settings.twilio
-        url = f"{twilio.api_base}/2010-04-01/Accounts/{twilio.account_sid}/Messages.json"
-        token = self.vault.get(TWILIO_TOKEN_NAME) or ""
-        credentials = base64.b64encode(f"{twilio.account_sid}:{token}".encode()).decode()
-        body = urllib.parse.urlencode({"To": to, "From": sender, "Body": text}).encode()
-        headers = {"Authorization": "Basic " + credentials, "User-Agent": USER_AGENT,
-                   "Content-Type": "application/x-www-form-urlencoded"}
-        return http_post(url, body, headers, TWILIO_API_TIMEOUT)
-
-
 # === Delivery: inbox, turn workers, callback dispatcher =====================
 #
 # How many turns run at once is decided by the model server, not by threads.
@@ -3506,7 +3404,7 @@ class TurnWorkers(WorkerPool):
     """Run queued async turns, one user's messages in arrival order, and put
     each reply (or error) in the outbox for the dispatcher."""
 
-    def __init__(self, settings, store, agent, gate, dispatcher, handover):
+    def __init__(self, settings, store, agent, gate, dispatcher, handover, channels):
         # Up to [agent] concurrency turns at the model, and `workers` free threads.
         count = settings.delivery.workers
         super().__init__("turn-worker", count,
@@ -3517,17 +3415,12 @@ class TurnWorkers(WorkerPool):
         self.agent = agent
         self.gate = gate
         self.dispatcher = dispatcher
+        self.channels = channels  # name -> Channel: what becomes of a finished turn
         self.table, self.claim = "jobs", store.claim_job
 
     def _loop(self):
         self.gate.pools.pool = self
         super()._loop()
-
-    def delivered(self, job):
-        """Whether a job's result goes out as a callback, or a Twilio reply not
-        taken by its waiting request (else it is only kept, for GET
-        .../messages/{id})."""
-        return job["channel"] == "twilio" or self.settings.async_mode
 
     def handle(self, job):
         request = json.loads(job["request"])
@@ -3549,9 +3442,9 @@ class TurnWorkers(WorkerPool):
             log.exception("turn %s failed unexpectedly", job["message_id"])
             body["error"] = error_dict(500, "the agent failed unexpectedly; the daemon's log "
                                             "has the details")
-        deliver = self.delivered(job)
-        outgoing = (twilio_outgoing(request, body, self.settings.twilio.error_reply)
-                    if job["channel"] == "twilio" else None)
+        channel = self.channels[job["channel"]]
+        deliver = channel.delivers()  # unless its waiting request took it
+        outgoing = channel.outgoing(request, body)
         exchange = (None if "error" in body else
                     (request["message"], body["reply"], self.settings.sessions.max_history))
         self.handover.finish(job["message_id"], body, lambda taken: self.store.finish_job(
@@ -3560,7 +3453,12 @@ class TurnWorkers(WorkerPool):
         self.notify()  # this user's next message, if any, may start now
 
 
-def attempt_error(exc, setting="[channels.webhook] outbound_url"):
+class SendLater(Exception):
+    """A channel cannot send now (no outbound URL yet): the entry waits, and
+    is looked at again after CallbackDispatcher.SEND_LATER_AFTER."""
+
+
+def attempt_error(exc, setting):
     """Why an attempt failed, without the URL: its user info, path and query
     often hold tokens, and some exceptions (http.client.InvalidURL) quote them."""
     if isinstance(exc, OSError):
@@ -3569,24 +3467,21 @@ def attempt_error(exc, setting="[channels.webhook] outbound_url"):
 
 
 class CallbackDispatcher(WorkerPool):
-    """POST outbox entries to the outbound URL with the configured auth header
-    and a Standard Webhooks signature. The same webhook-id (= message_id) goes
-    with every retry so receivers can drop duplicates. Retries follow
+    """Send the outbox's entries, each through the channel that made it (a
+    callback to the outbound URL, Twilio's Messages API). Retries follow
     [delivery] retry_schedule with jitter; Retry-After is honoured on 429/503;
-    other 4xx (but 408) are final. Twilio replies go to Twilio's Messages API
-    instead, one POST per part, in order, with the same retries."""
+    other 4xx (but 408) are final."""
 
-    NO_URL_RETRY_AFTER = 60.0  # seconds between looks for an outbound URL (set by reload)
+    SEND_LATER_AFTER = 60.0  # seconds between looks for an outbound URL (set by reload)
 
-    def __init__(self, settings, store, vault, metrics, clock=time.time):
+    def __init__(self, settings, store, metrics, channels, clock=time.time):
         super().__init__("dispatcher", settings.delivery.dispatchers)
         self.settings = settings
         self.store = store
-        self.vault = vault
         self.metrics = metrics
+        self.channels = channels  # name -> Channel
         self.clock = clock
         self.table, self.claim = "deliveries", store.claim_delivery
-        self.twilio = TwilioMessages(settings, vault)
 
     def queue_notification(self, ctx, message):
         """The webhook_send tool: a message of the agent's own to the outbound URL."""
@@ -3608,62 +3503,17 @@ class CallbackDispatcher(WorkerPool):
             return self.poll
         return min(self.poll, max(0.01, due - self.clock()))
 
-
-    def headers(self, message_id, body):
-        webhook = self.settings.webhook
-        secret = self.vault.get(SECRET_NAME) or ""
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   "webhook-id": message_id}
-        if webhook.auth_type == "bearer":
-            headers["Authorization"] = "Bearer " + secret
-        elif webhook.auth_type == "basic":
-            token = base64.b64encode(f"{webhook.auth_user}:{secret}".encode()).decode()
-            headers["Authorization"] = "Basic " + token
-        if webhook.sign:
-            timestamp = str(int(self.clock()))
-            headers["webhook-timestamp"] = timestamp
-            headers["webhook-signature"] = sign_payload(secret, message_id, timestamp, body)
-        return headers
-
     def handle(self, row):
-        if row["channel"] == "twilio":
-            self.handle_twilio(row)
-            return
-        url = self.settings.webhook.outbound_url
         attempt = row["attempts"] + 1
-        if not url:
-            self._retry(row, attempt, "no outbound URL is configured",
-                        retry_after=self.NO_URL_RETRY_AFTER)
-            return
-        body = row["body"].encode()
+        channel = self.channels[row["channel"]]
         try:
-            status, headers, _ = http_post(url, body, self.headers(row["message_id"], body),
-                                           self.settings.webhook.callback_timeout)
-        except Exception as exc:  # whatever went wrong, it is a failed attempt
-            self._retry(row, attempt, attempt_error(exc))
+            status, headers, where = channel.send(row)
+        except SendLater as exc:
+            self._retry(row, attempt, str(exc), retry_after=self.SEND_LATER_AFTER)
             return
-        self._answered(row, attempt, status, headers, url_host(url))
-
-    def handle_twilio(self, row):
-        """Send the parts not sent yet, in order; each one sent is recorded, so
-        a failure resumes at the first unsent part and none goes twice."""
-        attempt = row["attempts"] + 1
-        outgoing = json.loads(row["body"])
-        parts = outgoing["parts"]
-        while True:
-            try:
-                status, headers, _ = self.twilio.send(outgoing["to"], outgoing["from"],
-                                                      parts[outgoing["sent"]])
-            except Exception as exc:  # whatever went wrong, it is a failed attempt
-                self._retry(row, attempt, attempt_error(exc, "[channels.twilio] api_base"))
-                return
-            if not 200 <= status < 300 or outgoing["sent"] + 1 == len(parts):
-                break
-            outgoing["sent"] += 1
-            self.store.delivery_progress(row["seq"], outgoing)
-        where = "Twilio's Messages API"
-        if len(parts) > 1:
-            where += f" (part {outgoing['sent'] + 1} of {len(parts)})"
+        except Exception as exc:  # whatever went wrong, it is a failed attempt
+            self._retry(row, attempt, attempt_error(exc, channel.send_setting))
+            return
         self._answered(row, attempt, status, headers, where)
 
     def _answered(self, row, attempt, status, headers, where):
@@ -4037,6 +3887,289 @@ def shutting_down():
                     retry_after=SHUTDOWN_RETRY_AFTER)
 
 
+class HealthResource:
+    def on_get(self, req, resp):
+        resp.media = {"status": "ok", "version": __version__}
+
+
+class ReadyResource:
+    """503 while the queue is full, the database cannot be written, or a worker
+    or dispatcher died or is wedged."""
+
+    def __init__(self, readiness):
+        self.readiness = readiness  # () -> {check: bool}
+
+    def on_get(self, req, resp):
+        checks = self.readiness()
+        ready = all(checks.values())
+        resp.status = 200 if ready else 503
+        resp.media = {"status": "ready" if ready else "not ready", "checks": checks}
+
+
+class MetricsResource:
+    def __init__(self, settings, auth, metrics):
+        self.settings = settings
+        self.auth = auth
+        self.metrics = metrics
+
+    def on_get(self, req, resp):
+        if not self.settings.server.metrics_public and self.auth.check(req) != "secret":
+            raise ApiError(401, "/metrics needs the X-Aibutler-Secret header "
+                                "(or [server] metrics_public = true)")
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.text = self.metrics.render()
+
+
+class RequestLog:
+    """One log line and one metrics sample per request; the message text is never
+    logged."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def process_request(self, req, resp):
+        req.context.started = time.monotonic()
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        seconds = time.monotonic() - getattr(req.context, "started", time.monotonic())
+        status = falcon.http_status_to_code(resp.status)
+        path = req.path if resource is not None else "(unmatched)"
+        if not getattr(req.context, "quiet", False):
+            log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
+        self.metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
+        self.metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
+
+
+def write_error(resp, status, description, *, title=None, field=None, retry_after=None):
+    resp.status = status
+    resp.media = {"error": error_dict(status, description, title, field)}
+    if retry_after is not None:
+        resp.set_header("Retry-After", str(int(math.ceil(retry_after))))
+
+
+def serialize_falcon_error(req, resp, exc):
+    """falcon's own errors (404, 405, bad headers) in the project's one error shape."""
+    status = falcon.http_status_to_code(exc.status)
+    description = exc.description or {
+        404: f"no route for {req.path}",
+        405: f"{req.method} is not allowed on {req.path}",
+    }.get(status, HTTPStatus(status).phrase)
+    title = exc.title if exc.title and not exc.title[:3].isdigit() else None
+    write_error(resp, status, description, title=title)
+
+
+def handle_api_error(req, resp, exc, params):
+    write_error(resp, exc.status, exc.description, field=exc.field, retry_after=exc.retry_after)
+
+
+STORAGE_RETRY_AFTER = 30  # seconds a sender is asked to wait when the disk failed us
+
+
+def handle_storage_error(req, resp, exc, params):
+    """A full disk or an unwritable database is not a bug: 503, say why, and
+    nothing was promised (a 202 is only sent after its COMMIT)."""
+    if not is_storage_failure(exc):
+        handle_unexpected(req, resp, exc, params)
+        return
+    problem = storage_problem(exc)
+    log.error("storage: %s: %s", problem, one_line(exc))
+    if str(exc).startswith(UNSYNCED):  # COMMIT worked, the fsync after it did not
+        write_error(resp, 503, f"the message may not have been stored: {problem}; try again "
+                               "later with the same Idempotency-Key, so that it runs once",
+                    retry_after=STORAGE_RETRY_AFTER)
+        return
+    write_error(resp, 503, f"the message was not stored: {problem}; try again later",
+                retry_after=STORAGE_RETRY_AFTER)
+
+
+def handle_unexpected(req, resp, exc, params):
+    log.error("unhandled error on %s %s", req.method, req.path, exc_info=exc)
+    write_error(resp, 500, "internal error; the daemon's log has the details")
+
+
+# --- /openapi.json: the contract, built from the constants the handlers check with
+
+# === HTTP: the published contract (/openapi.json), create_app ===============
+
+NOT_BLANK = r"\S"  # user_id and message: str.strip() leaves something
+ERROR_MEANINGS = {
+    400: "the body is not JSON (empty, not UTF-8, malformed or nested too deeply)",
+    401: "missing or wrong X-Aibutler-Secret, or a bad Standard Webhooks signature",
+    404: "no such message (unknown, or pruned after [delivery] idempotency_ttl), or "
+         "session_id names no session of this user_id",
+    409: "a request with this Idempotency-Key is still being processed (Retry-After)",
+    413: "the body is larger than [server] max_body_bytes",
+    415: "the Content-Type is not application/json (or application/*+json)",
+    422: "a field is missing or invalid (`field` names it), or the Idempotency-Key was "
+         "used for a different body",
+    429: "a rate limit ([limits]) was reached, or this address failed to authenticate "
+         "too often (Retry-After)",
+    500: "a bug; the daemon's log has the traceback",
+    502: "the model server failed or answered something unusable",
+    503: "shutting down, queue full ([delivery] max_pending), the model busy, or the "
+         "database not writable (Retry-After)",
+    504: "the model did not answer within [agent] timeout",
+}
+RETRY_AFTER_STATUSES = (409, 429, 503)
+
+
+OPENAPI_STRING = {"type": "string"}
+OPENAPI_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
+                                       "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+OPENAPI_ERROR = {"type": "object", "required": ["error"], "additionalProperties": False,
+                 "properties": {"error": {
+                     "type": "object", "required": ["status", "title", "description"],
+                     "additionalProperties": False,
+                     "properties": {"status": {"type": "integer", "minimum": 400, "maximum": 599},
+                                    "title": OPENAPI_STRING, "description": OPENAPI_STRING,
+                                    "field": {"type": "string",
+                                              "description": "the input at fault"}}}}}
+
+
+def openapi_ref(kind, name):
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def openapi_answer(description, schema, headers=None, media="application/json"):
+    return {"description": description, "content": {media: {"schema": schema}},
+            **({"headers": headers} if headers else {})}
+
+
+def openapi_responses(ok, *errors):
+    """`ok` and the shared error responses (500 always)."""
+    listed = {str(code): openapi_ref("responses", str(code)) for code in (500,) + errors}
+    return dict(ok, **dict(sorted(listed.items())))
+
+
+def openapi_document(settings, channels):
+    """The OpenAPI 3.1 description of the routes create_app adds with this
+    config: the active channels' own (Channel.openapi), then the daemon's;
+    every status each can answer, in the one error shape. Limits come from the
+    same constants the handlers use, so the document cannot drift from them;
+    tests/test_openapi.py and the fuzzer run in .ci/run hold the handlers to it."""
+    ref, string = openapi_ref, OPENAPI_STRING
+    answer, responses = openapi_answer, openapi_responses
+    paths = {}
+    components = {
+        "schemas": {"Error": OPENAPI_ERROR, "ErrorDetail": OPENAPI_ERROR["properties"]["error"]},
+        "responses": {str(code): answer(f"{HTTPStatus(code).phrase}: {meaning}",
+                                        ref("schemas", "Error"),
+                                        OPENAPI_RETRY_AFTER
+                                        if code in RETRY_AFTER_STATUSES else None)
+                      for code, meaning in ERROR_MEANINGS.items()},
+        "securitySchemes": {
+            "secret": {"type": "apiKey", "in": "header", "name": "X-Aibutler-Secret",
+                       "description": "the vault's webhook_auth_secret"}}}
+    for channel in channels:
+        part = channel.openapi()
+        paths.update(part.get("paths", {}))
+        for kind, entries in part.get("components", {}).items():
+            components.setdefault(kind, {}).update(entries)
+    paths["/healthz"] = {"get": {"operationId": "health", "summary": "Liveness", "responses": {
+        "200": answer("alive", {"type": "object", "additionalProperties": False,
+                                "required": ["status", "version"],
+                                "properties": {"status": {"const": "ok"}, "version": string}})}}}
+    readiness = {"type": "object", "additionalProperties": False,
+                 "required": ["status", "checks"], "properties": {
+                     "status": {"enum": ["ready", "not ready"]},
+                     "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}}}
+    paths["/readyz"] = {"get": {"operationId": "ready", "summary": "Readiness", "responses": {
+        "200": answer("ready", readiness), "503": answer("not ready", readiness)}}}
+    paths["/metrics"] = {"get": {
+        "operationId": "metrics", "summary": "Prometheus metrics",
+        "security": [] if settings.server.metrics_public else [{"secret": []}],
+        "responses": responses({"200": answer("Prometheus text format 0.0.4", string,
+                                              media="text/plain")},
+                               *(() if settings.server.metrics_public else (401, 429)))}}
+    paths["/openapi.json"] = {"get": {"operationId": "openapi", "summary": "This document",
+                                      "responses": {"200": answer("OpenAPI 3.1",
+                                                                  {"type": "object"})}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "aibutler", "version": __version__,
+                 "description": "Let anything that can POST JSON talk to an AI agent."},
+        "paths": paths,
+        "components": components}
+
+
+class OpenApiResource:
+    def __init__(self, settings, channels):
+        self.settings = settings
+        self.channels = channels
+
+    def on_get(self, req, resp):
+        resp.media = openapi_document(self.settings, self.channels)
+
+
+class Channel:
+    """A way messages come in and replies go out. Adding one (a Telegram bot,
+    a MessageBird number) is a subclass in a part of its own, its keys in
+    CONFIG_SCHEMA as [channels.NAME] (CHANNEL_NEEDS for what it cannot work
+    without), and its class in CHANNELS (Wiring). The rest of the daemon
+    knows channels only through this:
+    - name: its name in [channels] active, kept on each job and outbox entry;
+    - routes(http): (path, resource) pairs, given the parts resources use;
+    - openapi(): its part of /openapi.json;
+    - delivers(): whether a finished async turn's result goes out later;
+    - outgoing(request, body): what goes into the outbox for it then;
+    - send(row): one attempt at an outbox entry -> (status, headers, where to);
+      an exception is a failed attempt, SendLater one that waits;
+    - describe(): the start-up log line."""
+
+    name = None
+    send_setting = None  # the setting to check when send() cannot even try
+
+    def __init__(self, settings, vault, store, clock=time.time):
+        self.settings = settings
+        self.vault = vault
+        self.store = store
+        self.clock = clock
+
+    def routes(self, http):
+        return []
+
+    def openapi(self):
+        return {}
+
+    def delivers(self):
+        return False
+
+    def outgoing(self, request, body):
+        return body
+
+    def send(self, row):
+        raise SendLater(f"the {self.name} channel sends nothing later")
+
+    def describe(self):
+        return f"{self.name} at {getattr(self.settings, self.name).path}"
+
+
+def create_app(settings, http, metrics, readiness, channels):
+    """The falcon app: each active channel's routes (Channel.routes, given
+    `http`: the parts resources use), then the daemon's own."""
+    load_web_stack()
+    app = falcon.App(middleware=[RequestLog(metrics)])
+    # falcon's default handler makes a JSON encoder for every answer; the same
+    # text (ensure_ascii=False) from one made once.
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
+        dumps=UNICODE_ENCODER.encode)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.set_error_serializer(serialize_falcon_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(sqlite3.Error, handle_storage_error)
+    app.add_error_handler(ApiError, handle_api_error)
+    for channel in channels:
+        for path, resource in channel.routes(http):
+            app.add_route(path, resource)
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(readiness))
+    app.add_route("/metrics", MetricsResource(settings, http.auth, metrics))
+    app.add_route("/openapi.json", OpenApiResource(settings, channels))
+    return app
+
+
+# === Channel: webhook (JSON in; the reply in the answer, or a callback) =====
+
 class WebhookResource:
     """POST /webhook/custom: authenticate, bound, parse, validate, limit, then run
     the turn (sync) or queue it (async)."""
@@ -4122,12 +4255,13 @@ class MessageResource:
     reply once done, and its callback's delivery. ?wait=N answers as soon as it
     is done, or after N seconds (at most [channels.webhook] max_wait)."""
 
-    def __init__(self, settings, auth, store, handover, gate):
+    def __init__(self, settings, auth, store, handover, gate, channel):
         self.settings = settings
         self.auth = auth
         self.store = store
         self.handover = handover
         self.gate = gate
+        self.channel = channel  # its messages only: not another channel's (a texter's)
 
     def on_get(self, req, resp, message_id):
         if self.auth.check(req) == "signature":
@@ -4138,7 +4272,7 @@ class MessageResource:
                 raise ApiError(422, "wait must be a number of seconds, like 20", field="wait")
             wait = min(float(wait), self.settings.webhook.max_wait)
         job, delivery = self.store.message(message_id)
-        if job is None:
+        if job is None or job["channel"] != self.channel:
             raise ApiError(404, f"no message {message_id!r}: unknown, or its result was "
                                 "pruned ([delivery] idempotency_ttl)")
         if wait and job["state"] != "done":
@@ -4175,6 +4309,312 @@ def message_status(job, delivery, waiting_for_a_place=False):
         if state == "pending":
             body["delivery"]["next_attempt_at"] = iso_utc(delivery["next_attempt"])
     return body
+
+
+def webhook_openapi(settings):
+    """The webhook channel's routes: the message, its answers and the callback,
+    and the status route."""
+    webhook = settings.webhook
+    ref, string = openapi_ref, OPENAPI_STRING
+    answer, responses = openapi_answer, openapi_responses
+    nullable = lambda schema: dict(schema, type=[schema["type"], "null"])  # noqa: E731
+    tool_call = {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": nullable(string), "arguments": {},
+                                "result": {}, "error": string}}
+    reply = {"reply": string, "session_id": string, "message_id": string,
+             "tool_calls": {"type": "array", "items": ref("schemas", "ToolCall")},
+             "truncated": {"type": "boolean", "const": True,
+                           "description": "[agent] max_tokens cut the reply off"}}
+    attachment = {"type": "object", "required": ["url"], "properties": {
+        "url": {"type": "string", "pattern": ATTACHMENT_URL_PATTERN,
+                "description": "http(s), a host name or IPv4 address, optional port"},
+        "type": nullable(string), "name": nullable(string)}}
+    message = {
+        "type": "object", "required": ["user_id", "message"],
+        "description": "Fields other than these are ignored; null is the same as absent.",
+        "properties": {
+            "user_id": {"type": "string", "minLength": 1, "maxLength": USER_ID_MAX,
+                        "pattern": NOT_BLANK},
+            "message": {"type": "string", "minLength": 1, "pattern": NOT_BLANK},
+            "metadata": {"type": ["object", "null"],
+                         "description": f"anything the model should know; at most "
+                                        f"{MAX_NESTING} levels deep"},
+            "session_id": {"type": ["string", "null"], "minLength": 1,
+                           "maxLength": SESSION_ID_MAX,
+                           "description": "continue this session (404 when it is not "
+                                          "one of this user's); absent: the current one"},
+            "attachments": {"type": ["array", "null"], "maxItems": ATTACHMENTS_MAX,
+                            "items": ref("schemas", "Attachment")}},
+        "example": {"user_id": "alice", "message": "What time is it?",
+                    "metadata": {"timezone": "Europe/Paris"}}}
+    accepted = {"type": "object", "additionalProperties": False,
+                "required": ["status", "session_id", "message_id", "status_url"],
+                "properties": {"status": {"const": "accepted"}, "session_id": string,
+                               "message_id": string, "status_url": string}}
+    done = {"type": "object", "additionalProperties": False,
+            "required": ["reply", "session_id", "tool_calls"], "properties": reply}
+    delivery = {"type": "object", "additionalProperties": False,
+                "required": ["status", "attempts"], "properties": {
+                    "status": {"enum": ["pending", "delivered", "failed"]},
+                    "attempts": {"type": "integer", "minimum": 0}, "last_error": string,
+                    "next_attempt_at": {"type": "string", "format": "date-time"}}}
+    status = {"type": "object", "additionalProperties": False,
+              "required": ["message_id", "session_id", "user_id", "status", "created_at"],
+              "properties": dict(
+                  reply, user_id=string, status={"enum": ["queued", "running", "done", "failed"]},
+                  created_at={"type": "string", "format": "date-time"},
+                  finished_at={"type": "string", "format": "date-time"},
+                  error=ref("schemas", "ErrorDetail"), delivery=delivery)}
+    callback = {"oneOf": [
+        {"type": "object", "additionalProperties": False,
+         "required": ["session_id", "in_reply_to", "message_id"],
+         "description": "a turn's result: reply and tool_calls, or error",
+         "properties": dict(reply, in_reply_to={"type": "string",
+                                                "description": "the sender's user_id"},
+                            error=ref("schemas", "ErrorDetail"))},
+        {"type": "object", "additionalProperties": False,
+         "required": ["type", "session_id", "in_reply_to", "message_id", "message"],
+         "description": "a message of the agent's own (the webhook_send tool)",
+         "properties": {"type": {"const": "notification"}, "session_id": string,
+                        "in_reply_to": string, "message_id": string, "message": string}}]}
+    secured = [{"secret": []}, {"signature": []}]
+    replay_headers = {"Preference-Applied": {"schema": string},
+                      "Idempotent-Replayed": {"schema": {"const": "true"}}}
+    optional_header = lambda name, schema, text: {  # noqa: E731
+        "name": name, "in": "header", "required": False, "schema": schema, "description": text}
+    post = {
+        "operationId": "sendMessage", "summary": "Send a message to the agent",
+        "security": secured,
+        "parameters": [
+            optional_header("Idempotency-Key", {"type": "string", "minLength": 1,
+                                                "maxLength": IDEMPOTENCY_KEY_MAX},
+                            "a repeat with the same key (per user_id) gets the first answer; "
+                            "webhook-id counts as one when this is absent"),
+            optional_header("Prefer", string, "RFC 7240: respond-async (answer 202 at once), "
+                            f"wait=N (wait up to N s, at most {webhook.max_wait:g}, for the "
+                            "reply); anything else is ignored")],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": ref("schemas", "Message")}}},
+        "responses": responses({
+            "200": answer("the reply", ref("schemas", "Reply"), replay_headers),
+            "202": dict(answer("accepted: the reply comes at status_url"
+                               + (" and as a callback to [channels.webhook] outbound_url"
+                                  if settings.async_mode else ""), ref("schemas", "Accepted"),
+                               dict(replay_headers, Location={"schema": string})),
+                        links={"status": {"operationId": "getMessage", "parameters": {
+                            "message_id": "$response.body#/message_id"}}})},
+            400, 401, 404, 409, 413, 415, 422, 429, 502, 503, 504),
+        "callbacks": {"reply": {"{$outbound_url}": {"post": {
+            "summary": "The reply, POSTed to [channels.webhook] outbound_url (not published: "
+                       "URLs hold tokens)",
+            "description": "Retried on a network error, 408, 429 and 5xx along [delivery] "
+                           "retry_schedule, honouring Retry-After on 429 and 503; the same "
+                           "webhook-id each time, so a receiver can drop duplicates.",
+            "parameters": [
+                optional_header("Authorization", string, "Bearer <secret>, or Basic with "
+                                "[channels.webhook] auth_user ([channels.webhook] auth_type)"),
+                optional_header("webhook-id", string, "the message_id"),
+                optional_header("webhook-timestamp", string, "Unix seconds"),
+                optional_header("webhook-signature", string,
+                                "Standard Webhooks v1,<base64 HMAC-SHA256> of "
+                                "id.timestamp.body keyed with the secret")],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref("schemas", "Callback")}}},
+            "responses": {"2XX": {"description": "delivered"},
+                          "default": {"description": "retried or failed, as above"}}}}}}}
+    paths = {}
+    paths[webhook.path] = {"post": post}
+    paths[webhook.path + "/messages/{message_id}"] = {"get": {
+        "operationId": "getMessage", "summary": "Where an accepted message stands",
+        "security": secured,
+        "parameters": [
+            {"name": "message_id", "in": "path", "required": True, "schema": string},
+            {"name": "wait", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": f"^{WAIT_PATTERN}$"},
+             "description": "answer once done, or after this many seconds (at most "
+                            f"{webhook.max_wait:g}, [channels.webhook] max_wait)"}],
+        "responses": responses({"200": answer("the message", ref("schemas", "Status"))},
+                               401, 404, 422, 429, 503)}}
+    return {"paths": paths, "components": {
+        "schemas": {"Message": message, "Attachment": attachment, "Reply": done,
+                    "ToolCall": tool_call, "Accepted": accepted, "Status": status,
+                    "Callback": callback},
+        "securitySchemes": {
+            "signature": {"type": "apiKey", "in": "header", "name": "webhook-signature",
+                          "description": "instead of the secret: a Standard Webhooks v1 "
+                                         "signature of the body with the same secret, "
+                                         "with webhook-id and webhook-timestamp (at most "
+                                         f"{Authenticator.SIGNATURE_TOLERANCE} s off)"}}}}
+
+
+class WebhookChannel(Channel):
+    """The seed page's channel: JSON POSTed to [channels.webhook] path; the
+    reply in the answer, or (async mode) POSTed to outbound_url with the
+    configured auth header and a Standard Webhooks signature. The same
+    webhook-id (= message_id) goes with every retry so receivers can drop
+    duplicates."""
+
+    name = "webhook"
+    send_setting = "[channels.webhook] outbound_url"
+
+    def routes(self, http):
+        path = self.settings.webhook.path
+        return [(path, WebhookResource(self.settings, http.auth, http.limits, http.inbox,
+                                       http.stopping)),
+                (path + "/messages/{message_id}",
+                 MessageResource(self.settings, http.auth, http.store, http.handover,
+                                 http.gate, self.name))]
+
+    def openapi(self):
+        return webhook_openapi(self.settings)
+
+    def delivers(self):
+        return self.settings.async_mode
+
+    def send(self, row):
+        url = self.settings.webhook.outbound_url
+        if not url:
+            raise SendLater("no outbound URL is configured")
+        body = row["body"].encode()
+        status, headers, _ = http_post(url, body, self.headers(row["message_id"], body),
+                                       self.settings.webhook.callback_timeout)
+        return status, headers, url_host(url)
+
+    def headers(self, message_id, body):
+        webhook = self.settings.webhook
+        secret = self.vault.get(SECRET_NAME) or ""
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   "webhook-id": message_id}
+        if webhook.auth_type == "bearer":
+            headers["Authorization"] = "Bearer " + secret
+        elif webhook.auth_type == "basic":
+            token = base64.b64encode(f"{webhook.auth_user}:{secret}".encode()).decode()
+            headers["Authorization"] = "Basic " + token
+        if webhook.sign:
+            timestamp = str(int(self.clock()))
+            headers["webhook-timestamp"] = timestamp
+            headers["webhook-signature"] = sign_payload(secret, message_id, timestamp, body)
+        return headers
+
+    def describe(self):
+        webhook = self.settings.webhook
+        mode = (f"async, callbacks to {url_host(webhook.outbound_url)} "
+                f"({webhook.auth_type} auth)" if self.settings.async_mode else "sync")
+        return f"webhook at {webhook.path} ({mode})"
+
+
+# === Channel: Twilio (SMS and WhatsApp) =====================================
+
+def twilio_signature(token, url, params):
+    """X-Twilio-Signature: base64 HMAC-SHA1, keyed with the Auth Token, of the
+    URL Twilio called followed by each POST parameter's name and value, sorted
+    by name (a repeated name's values sorted, duplicates once, as Twilio's own
+    RequestValidator does)."""
+    values = {}
+    for name, value in params:
+        values.setdefault(name, set()).add(value)
+    text = url + "".join(name + value for name in sorted(values)
+                         for value in sorted(values[name]))
+    digest = hmac.new(token.encode(), text.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def twilio_url_variants(url):
+    """The URL with and without its scheme's default port: Twilio signs
+    either (its RequestValidator accepts both)."""
+    parts = urllib.parse.urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:
+        return [url]
+    if port not in (None, default):
+        return [url]
+    bare = parts._replace(netloc=host).geturl()
+    return [bare, parts._replace(netloc=f"{host}:{default}").geturl()]
+
+
+TWILIO_MAX_CHARS = 1600  # Twilio refuses a longer message body (error 21617)
+SENTENCE_END = re.compile(r"[.!?…](?=\s)|\n")
+
+
+def split_reply(text, limit=TWILIO_MAX_CHARS):
+    """A reply as the messages that carry it: one if it fits, else parts
+    numbered "(1/3) ", cut at a sentence end, else between words."""
+    text = text.strip()
+    if len(text) <= limit:
+        return [text]
+    count = 2
+    while True:
+        room = limit - len(f"({count}/{count}) ")
+        chunks = chunk_text(text, room)
+        if len(chunks) <= count:
+            return [f"({i}/{len(chunks)}) {chunk}" for i, chunk in enumerate(chunks, 1)]
+        count = len(chunks)
+
+
+def chunk_text(text, size):
+    chunks = []
+    while len(text) > size:
+        ends = [m.end() for m in SENTENCE_END.finditer(text, 0, size + 1) if m.end() <= size]
+        cut = ends[-1] if ends and ends[-1] >= size // 2 else 0
+        if not cut:
+            spaces = [m.start() for m in re.finditer(r"\s", text[:size + 1])]
+            cut = spaces[-1] if spaces and spaces[-1] > 0 else size
+        chunks.append(text[:cut].strip())
+        text = text[cut:].strip()
+    return chunks + [text] if text else chunks
+
+
+XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def twiml(messages=()):
+    """A TwiML answer: each text a <Message>; none is an empty <Response/>."""
+    def escape(text):
+        text = XML_FORBIDDEN.sub("", text)
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    inner = "".join(f"<Message>{escape(text)}</Message>" for text in messages)
+    return ('<?xml version="1.0" encoding="UTF-8"?>'
+            + (f"<Response>{inner}</Response>" if inner else "<Response/>"))
+
+
+def twilio_reply_parts(result, error_reply):
+    """What a finished turn says to the texter: its reply, or the apology."""
+    return split_reply(error_reply if "error" in result else result["reply"])
+
+
+def twilio_outgoing(request, result, error_reply):
+    """The outbox entry of a reply sent later through the Messages API: to
+    the texter, from the number they wrote to, in parts, none sent yet."""
+    return {"message_id": result["message_id"], "to": request["user_id"],
+            "from": request["metadata"]["to"], "parts": twilio_reply_parts(result, error_reply),
+            "sent": 0}
+
+
+TWILIO_API_TIMEOUT = 15.0  # seconds one Messages API request may take
+
+
+class TwilioMessages:
+    """Twilio's Messages REST API: one message, one form POST, basic auth
+    with the Account SID and the vault's Auth Token."""
+
+    def __init__(self, settings, vault):
+        self.settings = settings
+        self.vault = vault
+
+    def send(self, to, sender, text):
+        """(status, headers, body) of one POST; raises OSError when no answer came."""
+        twilio = self.settings.twilio
+        url = f"{twilio.api_base}/2010-04-01/Accounts/{twilio.account_sid}/Messages.json"
+        token = self.vault.get(TWILIO_TOKEN_NAME) or ""
+        credentials = base64.b64encode(f"{twilio.account_sid}:{token}".encode()).decode()
+        body = urllib.parse.urlencode({"To": to, "From": sender, "Body": text}).encode()
+        headers = {"Authorization": "Basic " + credentials, "User-Agent": USER_AGENT,
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        return http_post(url, body, headers, TWILIO_API_TIMEOUT)
 
 
 TWILIO_REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")  # in every message Twilio posts
@@ -4316,338 +4756,13 @@ class TwilioResource:
         return message
 
 
-class HealthResource:
-    def on_get(self, req, resp):
-        resp.media = {"status": "ok", "version": __version__}
-
-
-class ReadyResource:
-    """503 while the queue is full, the database cannot be written, or a worker
-    or dispatcher died or is wedged."""
-
-    def __init__(self, readiness):
-        self.readiness = readiness  # () -> {check: bool}
-
-    def on_get(self, req, resp):
-        checks = self.readiness()
-        ready = all(checks.values())
-        resp.status = 200 if ready else 503
-        resp.media = {"status": "ready" if ready else "not ready", "checks": checks}
-
-
-class MetricsResource:
-    def __init__(self, settings, auth, metrics):
-        self.settings = settings
-        self.auth = auth
-        self.metrics = metrics
-
-    def on_get(self, req, resp):
-        if not self.settings.server.metrics_public and self.auth.check(req) != "secret":
-            raise ApiError(401, "/metrics needs the X-Aibutler-Secret header "
-                                "(or [server] metrics_public = true)")
-        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.text = self.metrics.render()
-
-
-class RequestLog:
-    """One log line and one metrics sample per request; the message text is never
-    logged."""
-
-    def __init__(self, metrics):
-        self.metrics = metrics
-
-    def process_request(self, req, resp):
-        req.context.started = time.monotonic()
-
-    def process_response(self, req, resp, resource, req_succeeded):
-        seconds = time.monotonic() - getattr(req.context, "started", time.monotonic())
-        status = falcon.http_status_to_code(resp.status)
-        path = req.path if resource is not None else "(unmatched)"
-        if not getattr(req.context, "quiet", False):
-            log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
-        self.metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
-        self.metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
-
-
-def write_error(resp, status, description, *, title=None, field=None, retry_after=None):
-    resp.status = status
-    resp.media = {"error": error_dict(status, description, title, field)}
-    if retry_after is not None:
-        resp.set_header("Retry-After", str(int(math.ceil(retry_after))))
-
-
-def serialize_falcon_error(req, resp, exc):
-    """falcon's own errors (404, 405, bad headers) in the project's one error shape."""
-    status = falcon.http_status_to_code(exc.status)
-    description = exc.description or {
-        404: f"no route for {req.path}",
-        405: f"{req.method} is not allowed on {req.path}",
-    }.get(status, HTTPStatus(status).phrase)
-    title = exc.title if exc.title and not exc.title[:3].isdigit() else None
-    write_error(resp, status, description, title=title)
-
-
-def handle_api_error(req, resp, exc, params):
-    write_error(resp, exc.status, exc.description, field=exc.field, retry_after=exc.retry_after)
-
-
-STORAGE_RETRY_AFTER = 30  # seconds a sender is asked to wait when the disk failed us
-
-
-def handle_storage_error(req, resp, exc, params):
-    """A full disk or an unwritable database is not a bug: 503, say why, and
-    nothing was promised (a 202 is only sent after its COMMIT)."""
-    if not is_storage_failure(exc):
-        handle_unexpected(req, resp, exc, params)
-        return
-    problem = storage_problem(exc)
-    log.error("storage: %s: %s", problem, one_line(exc))
-    if str(exc).startswith(UNSYNCED):  # COMMIT worked, the fsync after it did not
-        write_error(resp, 503, f"the message may not have been stored: {problem}; try again "
-                               "later with the same Idempotency-Key, so that it runs once",
-                    retry_after=STORAGE_RETRY_AFTER)
-        return
-    write_error(resp, 503, f"the message was not stored: {problem}; try again later",
-                retry_after=STORAGE_RETRY_AFTER)
-
-
-def handle_unexpected(req, resp, exc, params):
-    log.error("unhandled error on %s %s", req.method, req.path, exc_info=exc)
-    write_error(resp, 500, "internal error; the daemon's log has the details")
-
-
-# --- /openapi.json: the contract, built from the constants the handlers check with
-
-# === HTTP: the published contract (/openapi.json), create_app ===============
-
-NOT_BLANK = r"\S"  # user_id and message: str.strip() leaves something
-ERROR_MEANINGS = {
-    400: "the body is not JSON (empty, not UTF-8, malformed or nested too deeply)",
-    401: "missing or wrong X-Aibutler-Secret, or a bad Standard Webhooks signature",
-    404: "no such message (unknown, or pruned after [delivery] idempotency_ttl), or "
-         "session_id names no session of this user_id",
-    409: "a request with this Idempotency-Key is still being processed (Retry-After)",
-    413: "the body is larger than [server] max_body_bytes",
-    415: "the Content-Type is not application/json (or application/*+json)",
-    422: "a field is missing or invalid (`field` names it), or the Idempotency-Key was "
-         "used for a different body",
-    429: "a rate limit ([limits]) was reached, or this address failed to authenticate "
-         "too often (Retry-After)",
-    500: "a bug; the daemon's log has the traceback",
-    502: "the model server failed or answered something unusable",
-    503: "shutting down, queue full ([delivery] max_pending), the model busy, or the "
-         "database not writable (Retry-After)",
-    504: "the model did not answer within [agent] timeout",
-}
-RETRY_AFTER_STATUSES = (409, 429, 503)
-
-
-def openapi_document(settings):
-    """The OpenAPI 3.1 description of the routes create_app adds with this
-    config: every status each can answer, in the one error shape, and the
-    callback. Limits come from the same constants the handlers use, so the
-    document cannot drift from them; tests/test_openapi.py and the fuzzer run
-    in .ci/run hold the handlers to it."""
-    webhook = settings.webhook
-    ref = lambda kind, name: {"$ref": f"#/components/{kind}/{name}"}  # noqa: E731
-    string = {"type": "string"}
-    nullable = lambda schema: dict(schema, type=[schema["type"], "null"])  # noqa: E731
-
-    def answer(description, schema, headers=None, media="application/json"):
-        return {"description": description, "content": {media: {"schema": schema}},
-                **({"headers": headers} if headers else {})}
-
-    def responses(ok, *errors):
-        listed = {str(code): ref("responses", str(code)) for code in (500,) + errors}
-        return dict(ok, **dict(sorted(listed.items())))
-
-    retry_after = {"Retry-After": {"description": "seconds to wait before trying again",
-                                   "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
-    error = {"type": "object", "required": ["error"], "additionalProperties": False,
-             "properties": {"error": {
-                 "type": "object", "required": ["status", "title", "description"],
-                 "additionalProperties": False,
-                 "properties": {"status": {"type": "integer", "minimum": 400, "maximum": 599},
-                                "title": string, "description": string,
-                                "field": {"type": "string", "description": "the input at fault"}}}}}
-    tool_call = {"type": "object", "required": ["name", "arguments"],
-                 "properties": {"name": nullable(string), "arguments": {},
-                                "result": {}, "error": string}}
-    reply = {"reply": string, "session_id": string, "message_id": string,
-             "tool_calls": {"type": "array", "items": ref("schemas", "ToolCall")},
-             "truncated": {"type": "boolean", "const": True,
-                           "description": "[agent] max_tokens cut the reply off"}}
-    attachment = {"type": "object", "required": ["url"], "properties": {
-        "url": {"type": "string", "pattern": ATTACHMENT_URL_PATTERN,
-                "description": "http(s), a host name or IPv4 address, optional port"},
-        "type": nullable(string), "name": nullable(string)}}
-    message = {
-        "type": "object", "required": ["user_id", "message"],
-        "description": "Fields other than these are ignored; null is the same as absent.",
-        "properties": {
-            "user_id": {"type": "string", "minLength": 1, "maxLength": USER_ID_MAX,
-                        "pattern": NOT_BLANK},
-            "message": {"type": "string", "minLength": 1, "pattern": NOT_BLANK},
-            "metadata": {"type": ["object", "null"],
-                         "description": f"anything the model should know; at most "
-                                        f"{MAX_NESTING} levels deep"},
-            "session_id": {"type": ["string", "null"], "minLength": 1,
-                           "maxLength": SESSION_ID_MAX,
-                           "description": "continue this session (404 when it is not "
-                                          "one of this user's); absent: the current one"},
-            "attachments": {"type": ["array", "null"], "maxItems": ATTACHMENTS_MAX,
-                            "items": ref("schemas", "Attachment")}},
-        "example": {"user_id": "alice", "message": "What time is it?",
-                    "metadata": {"timezone": "Europe/Paris"}}}
-    accepted = {"type": "object", "additionalProperties": False,
-                "required": ["status", "session_id", "message_id", "status_url"],
-                "properties": {"status": {"const": "accepted"}, "session_id": string,
-                               "message_id": string, "status_url": string}}
-    done = {"type": "object", "additionalProperties": False,
-            "required": ["reply", "session_id", "tool_calls"], "properties": reply}
-    delivery = {"type": "object", "additionalProperties": False,
-                "required": ["status", "attempts"], "properties": {
-                    "status": {"enum": ["pending", "delivered", "failed"]},
-                    "attempts": {"type": "integer", "minimum": 0}, "last_error": string,
-                    "next_attempt_at": {"type": "string", "format": "date-time"}}}
-    status = {"type": "object", "additionalProperties": False,
-              "required": ["message_id", "session_id", "user_id", "status", "created_at"],
-              "properties": dict(
-                  reply, user_id=string, status={"enum": ["queued", "running", "done", "failed"]},
-                  created_at={"type": "string", "format": "date-time"},
-                  finished_at={"type": "string", "format": "date-time"},
-                  error=ref("schemas", "ErrorDetail"), delivery=delivery)}
-    callback = {"oneOf": [
-        {"type": "object", "additionalProperties": False,
-         "required": ["session_id", "in_reply_to", "message_id"],
-         "description": "a turn's result: reply and tool_calls, or error",
-         "properties": dict(reply, in_reply_to={"type": "string",
-                                                "description": "the sender's user_id"},
-                            error=ref("schemas", "ErrorDetail"))},
-        {"type": "object", "additionalProperties": False,
-         "required": ["type", "session_id", "in_reply_to", "message_id", "message"],
-         "description": "a message of the agent's own (the webhook_send tool)",
-         "properties": {"type": {"const": "notification"}, "session_id": string,
-                        "in_reply_to": string, "message_id": string, "message": string}}]}
-    secured = [{"secret": []}, {"signature": []}]
-    replay_headers = {"Preference-Applied": {"schema": string},
-                      "Idempotent-Replayed": {"schema": {"const": "true"}}}
-    optional_header = lambda name, schema, text: {  # noqa: E731
-        "name": name, "in": "header", "required": False, "schema": schema, "description": text}
-    post = {
-        "operationId": "sendMessage", "summary": "Send a message to the agent",
-        "security": secured,
-        "parameters": [
-            optional_header("Idempotency-Key", {"type": "string", "minLength": 1,
-                                                "maxLength": IDEMPOTENCY_KEY_MAX},
-                            "a repeat with the same key (per user_id) gets the first answer; "
-                            "webhook-id counts as one when this is absent"),
-            optional_header("Prefer", string, "RFC 7240: respond-async (answer 202 at once), "
-                            f"wait=N (wait up to N s, at most {webhook.max_wait:g}, for the "
-                            "reply); anything else is ignored")],
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": ref("schemas", "Message")}}},
-        "responses": responses({
-            "200": answer("the reply", ref("schemas", "Reply"), replay_headers),
-            "202": dict(answer("accepted: the reply comes at status_url"
-                               + (" and as a callback to [channels.webhook] outbound_url"
-                                  if settings.async_mode else ""), ref("schemas", "Accepted"),
-                               dict(replay_headers, Location={"schema": string})),
-                        links={"status": {"operationId": "getMessage", "parameters": {
-                            "message_id": "$response.body#/message_id"}}})},
-            400, 401, 404, 409, 413, 415, 422, 429, 502, 503, 504),
-        "callbacks": {"reply": {"{$outbound_url}": {"post": {
-            "summary": "The reply, POSTed to [channels.webhook] outbound_url (not published: "
-                       "URLs hold tokens)",
-            "description": "Retried on a network error, 408, 429 and 5xx along [delivery] "
-                           "retry_schedule, honouring Retry-After on 429 and 503; the same "
-                           "webhook-id each time, so a receiver can drop duplicates.",
-            "parameters": [
-                optional_header("Authorization", string, "Bearer <secret>, or Basic with "
-                                "[channels.webhook] auth_user ([channels.webhook] auth_type)"),
-                optional_header("webhook-id", string, "the message_id"),
-                optional_header("webhook-timestamp", string, "Unix seconds"),
-                optional_header("webhook-signature", string,
-                                "Standard Webhooks v1,<base64 HMAC-SHA256> of "
-                                "id.timestamp.body keyed with the secret")],
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref("schemas", "Callback")}}},
-            "responses": {"2XX": {"description": "delivered"},
-                          "default": {"description": "retried or failed, as above"}}}}}}}
-    paths = {}
-    if settings.webhook_enabled:
-        paths[webhook.path] = {"post": post}
-        paths[webhook.path + "/messages/{message_id}"] = {"get": {
-            "operationId": "getMessage", "summary": "Where an accepted message stands",
-            "security": secured,
-            "parameters": [
-                {"name": "message_id", "in": "path", "required": True, "schema": string},
-                {"name": "wait", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": f"^{WAIT_PATTERN}$"},
-                 "description": "answer once done, or after this many seconds (at most "
-                                f"{webhook.max_wait:g}, [channels.webhook] max_wait)"}],
-            "responses": responses({"200": answer("the message", ref("schemas", "Status"))},
-                                   401, 404, 422, 429, 503)}}
-    paths["/healthz"] = {"get": {"operationId": "health", "summary": "Liveness", "responses": {
-        "200": answer("alive", {"type": "object", "additionalProperties": False,
-                                "required": ["status", "version"],
-                                "properties": {"status": {"const": "ok"}, "version": string}})}}}
-    readiness = {"type": "object", "additionalProperties": False,
-                 "required": ["status", "checks"], "properties": {
-                     "status": {"enum": ["ready", "not ready"]},
-                     "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}}}
-    paths["/readyz"] = {"get": {"operationId": "ready", "summary": "Readiness", "responses": {
-        "200": answer("ready", readiness), "503": answer("not ready", readiness)}}}
-    paths["/metrics"] = {"get": {
-        "operationId": "metrics", "summary": "Prometheus metrics",
-        "security": [] if settings.server.metrics_public else [{"secret": []}],
-        "responses": responses({"200": answer("Prometheus text format 0.0.4", string,
-                                              media="text/plain")},
-                               *(() if settings.server.metrics_public else (401, 429)))}}
-    paths["/openapi.json"] = {"get": {"operationId": "openapi", "summary": "This document",
-                                      "responses": {"200": answer("OpenAPI 3.1",
-                                                                  {"type": "object"})}}}
-    components = {
-        "schemas": {"Message": message, "Attachment": attachment, "Reply": done,
-                    "ToolCall": tool_call, "Accepted": accepted, "Status": status,
-                    "Error": error, "ErrorDetail": error["properties"]["error"],
-                    "Callback": callback},
-        "responses": {str(code): answer(f"{HTTPStatus(code).phrase}: {meaning}",
-                                        ref("schemas", "Error"),
-                                        retry_after if code in RETRY_AFTER_STATUSES else None)
-                      for code, meaning in ERROR_MEANINGS.items()},
-        "securitySchemes": {
-            "secret": {"type": "apiKey", "in": "header", "name": "X-Aibutler-Secret",
-                       "description": "the vault's webhook_auth_secret"},
-            "signature": {"type": "apiKey", "in": "header", "name": "webhook-signature",
-                          "description": "instead of the secret: a Standard Webhooks v1 "
-                                         "signature of the body with the same secret, "
-                                         "with webhook-id and webhook-timestamp (at most "
-                                         f"{Authenticator.SIGNATURE_TOLERANCE} s off)"}}}
-    for extra in OPENAPI_CHANNELS:  # other channels describe their own routes
-        part = extra(settings)
-        paths.update(part.get("paths", {}))
-        for kind, entries in part.get("components", {}).items():
-            components.setdefault(kind, {}).update(entries)
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "aibutler", "version": __version__,
-                 "description": "Let anything that can POST JSON talk to an AI agent."},
-        "paths": paths,
-        "components": components}
-
-
 def twilio_openapi(settings):
-    """The twilio channel's route, if active: the form Twilio posts (the
-    fields TwilioResource reads, with its limits), the signature, and every
-    answer it gives."""
-    if not settings.twilio_enabled:
-        return {}
+    """The twilio channel's route: the form Twilio posts (the fields
+    TwilioResource reads, with its limits), the signature, and every answer
+    it gives."""
     twilio = settings.twilio
-    string = {"type": "string"}
-    error = {"$ref": "#/components/schemas/Error"}
-    retry_after = {"Retry-After": {"description": "seconds to wait before trying again",
-                                   "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    string, retry_after = OPENAPI_STRING, OPENAPI_RETRY_AFTER
+    error = openapi_ref("schemas", "Error")
 
     def failure(code, meaning, headers=None):
         return {"description": f"{HTTPStatus(code).phrase}: {meaning}",
@@ -4716,48 +4831,67 @@ def twilio_openapi(settings):
             "components": {"securitySchemes": {"twilioSignature": scheme}}}
 
 
-# (settings) -> {"paths": {...}, "components": {...}} of a channel, {} if it is off
-OPENAPI_CHANNELS = [twilio_openapi]
+class TwilioChannel(Channel):
+    """Twilio's inbound message webhook (a signed form) at [channels.twilio]
+    path; the reply as TwiML within reply_wait, else later through the
+    account's Messages API, one POST per part, in order, with the outbox's
+    retries."""
 
+    name = "twilio"
+    send_setting = "[channels.twilio] api_base"
 
-class OpenApiResource:
-    def __init__(self, settings):
-        self.settings = settings
+    def __init__(self, settings, vault, store, clock=time.time):
+        super().__init__(settings, vault, store, clock)
+        self.messages = TwilioMessages(settings, vault)
 
-    def on_get(self, req, resp):
-        resp.media = openapi_document(self.settings)
+    def routes(self, http):
+        return [(self.settings.twilio.path,
+                 TwilioResource(self.settings, http.auth, self.vault, http.limits, http.inbox,
+                                http.stopping))]
 
+    def openapi(self):
+        return twilio_openapi(self.settings)
 
-def create_app(settings, auth, limits, inbox, metrics, readiness, stopping, store, handover,
-               gate, vault=None):
-    """The falcon app: each resource gets only the parts it uses."""
-    load_web_stack()
-    app = falcon.App(middleware=[RequestLog(metrics)])
-    # falcon's default handler makes a JSON encoder for every answer; the same
-    # text (ensure_ascii=False) from one made once.
-    app.resp_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
-        dumps=UNICODE_ENCODER.encode)
-    app.req_options.strip_url_path_trailing_slash = True
-    app.set_error_serializer(serialize_falcon_error)
-    app.add_error_handler(Exception, handle_unexpected)
-    app.add_error_handler(sqlite3.Error, handle_storage_error)
-    app.add_error_handler(ApiError, handle_api_error)
-    if settings.webhook_enabled:
-        app.add_route(settings.webhook.path,
-                      WebhookResource(settings, auth, limits, inbox, stopping))
-        app.add_route(settings.webhook.path + "/messages/{message_id}",
-                      MessageResource(settings, auth, store, handover, gate))
-    if settings.twilio_enabled:
-        app.add_route(settings.twilio.path,
-                      TwilioResource(settings, auth, vault, limits, inbox, stopping))
-    app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(readiness))
-    app.add_route("/metrics", MetricsResource(settings, auth, metrics))
-    app.add_route("/openapi.json", OpenApiResource(settings))
-    return app
+    def delivers(self):
+        return True  # a reply its waiting request did not take goes out
+
+    def outgoing(self, request, body):
+        return twilio_outgoing(request, body, self.settings.twilio.error_reply)
+
+    def send(self, row):
+        """The parts not sent yet, in order; each one sent is recorded, so a
+        failure resumes at the first unsent part and none goes twice."""
+        outgoing = json.loads(row["body"])
+        parts = outgoing["parts"]
+        while True:
+            status, headers, _ = self.messages.send(outgoing["to"], outgoing["from"],
+                                                    parts[outgoing["sent"]])
+            if not 200 <= status < 300 or outgoing["sent"] + 1 == len(parts):
+                break
+            outgoing["sent"] += 1
+            self.store.delivery_progress(row["seq"], outgoing)
+        where = "Twilio's Messages API"
+        if len(parts) > 1:
+            where += f" (part {outgoing['sent'] + 1} of {len(parts)})"
+        return status, headers, where
+
+    def describe(self):
+        twilio = self.settings.twilio
+        checked = (url_without_query(twilio.public_url) if twilio.public_url
+                   else "the URL each request was sent to")
+        return f"twilio at {twilio.path} (signatures checked against {checked})"
 
 
 # === Wiring: every part built once ==========================================
+
+CHANNELS = (WebhookChannel, TwilioChannel)  # each with its [channels.NAME] in CONFIG_SCHEMA
+
+
+def build_channels(settings, vault, store, clock=time.time):
+    """Every channel, active or not: a reply queued by one still goes out after
+    a restart that turned it off. Only the active ones get routes."""
+    return {cls.name: cls(settings, vault, store, clock) for cls in CHANNELS}
+
 
 class Butler:
     """Every working part, built and wired together once: the only place that
@@ -4769,7 +4903,8 @@ class Butler:
         self.store = store
         self.metrics = metrics = Metrics()
         self.stopping = threading.Event()
-        self.dispatcher = CallbackDispatcher(settings, store, vault, metrics)
+        self.channels = build_channels(settings, vault, store)
+        self.dispatcher = CallbackDispatcher(settings, store, metrics, self.channels)
         self.tools = build_tools(settings.tools, metrics, self.dispatcher.queue_notification
                                  if settings.async_mode else None)
         self.agent = Agent(build_model(settings.agent, vault), self.tools, store, settings,
@@ -4778,7 +4913,7 @@ class Butler:
         store.parked = self.gate.parked
         self.handover = Handover()
         self.workers = TurnWorkers(settings, store, self.agent, self.gate, self.dispatcher,
-                                   self.handover)
+                                   self.handover, self.channels)
         self.inbox = Inbox(settings, store, self.agent, self.gate, self.workers, self.handover)
         self.auth = Authenticator(settings, vault, store, metrics)
         self.limits = Limits(settings, metrics)
@@ -4791,10 +4926,16 @@ class Butler:
         metrics.gauge("aibutler_requests_waiting", lambda: self.handover.waiting)
         self._started = False
 
+    def active_channels(self):
+        return [channel for name, channel in self.channels.items()
+                if self.settings.channel_active(name)]
+
     def app(self):
-        return create_app(self.settings, self.auth, self.limits, self.inbox, self.metrics,
-                          self.readiness, self.stopping, self.store, self.handover, self.gate,
-                          self.vault)
+        http = types.SimpleNamespace(  # what the channels' resources are built from
+            auth=self.auth, limits=self.limits, inbox=self.inbox, stopping=self.stopping,
+            store=self.store, handover=self.handover, gate=self.gate)
+        return create_app(self.settings, http, self.metrics, self.readiness,
+                          self.active_channels())
 
     def start(self):
         self.store.checkpoint_in_background()
@@ -5066,15 +5207,10 @@ class Daemon:
         log.info("agent: provider %s%s", settings.agent.provider,
                  f", model {model.model} at {url_host(model.base_url)}"
                  if isinstance(model, HTTPModel) else " (offline, no language model)")
-        if settings.webhook_enabled:
-            mode = (f"async, callbacks to {url_host(settings.webhook.outbound_url)} "
-                    f"({settings.webhook.auth_type} auth)" if settings.async_mode else "sync")
-            log.info("channels: webhook at %s (%s)", settings.webhook.path, mode)
-        if settings.twilio_enabled:
-            log.info("channels: twilio at %s (signatures checked against %s)",
-                     settings.twilio.path, url_without_query(settings.twilio.public_url)
-                     if settings.twilio.public_url else "the URL each request was sent to")
-        if not settings.webhook_enabled and not settings.twilio_enabled:
+        active = self.butler.active_channels()
+        for channel in active:
+            log.info("channels: %s", channel.describe())
+        if not active:
             log.info("channels: none active (enable [channels.webhook])")
         if "webhook_send" in self.butler.tools.tools:
             log.info("webhook: tools registered (webhook_send)")
@@ -5451,7 +5587,7 @@ def cmd_run(args):
     data_dir = ensure_data_dir(data_dir_from_env(env))
     lock_data_dir(data_dir)  # held until the process ends
     vault = open_vault(env)
-    check_twilio_token(config, vault, data_dir, env)
+    check_channel_secrets(config, vault, data_dir, env)
     for warning in data_dir_warnings(data_dir, fresh=not os.path.lexists(vault.path)):
         log.warning("files: %s", warning)
     store = open_store(data_dir)

@@ -124,7 +124,7 @@ def test_config_errors_stop_the_daemon_with_78(daemon, tmp_path):
              "path = /webhook/custom\n", "path is taken")]:
         with pytest.raises(aibutler.ConfigError, match=words):
             load(text)
-    assert not load("[channels.twilio]\naccount_sid =\n").twilio_enabled  # off: no SID needed
+    assert not load("[channels.twilio]\naccount_sid =\n").channel_active("twilio")  # no SID needed
     d = daemon(f"[channels]\nactive = webhook, twilio\n[channels.twilio]\naccount_sid = {SID}\n")
     result = d.cli("run", "--config", str(d.config), "--port", "0", check=False)
     assert result.returncode == 78
