@@ -116,6 +116,10 @@ class ApiError(Exception):
         return error_dict(self.status, self.description, field=self.field)
 
 
+def one_line(exc):
+    return " ".join(str(exc).split())
+
+
 def error_dict(status, description, title=None, field=None):
     """The one error shape, used in HTTP error bodies and in error callbacks."""
     body = {"status": status, "title": title or HTTPStatus(status).phrase,
@@ -225,6 +229,668 @@ def give_to_directory_owner(fd, path, info):
     owner = os.stat(os.path.dirname(os.path.abspath(path)))
     if owner.st_uid != 0 and (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
         os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
+# === HTTP client: deadlines, retries, HTTP dates ============================
+
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect is reported as the non-2xx status it is
+
+
+class _DeadlineSocket:
+    """A connected socket whose every read and write gets what is left of one
+    total deadline as its timeout: a socket timeout alone bounds each read, and a
+    server dribbling a byte every few seconds would hold an attempt for minutes."""
+
+    def __init__(self, sock, until):
+        self._sock, self._until = sock, until
+
+    def _arm(self):
+        left = self._until - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self._sock.settimeout(left)
+
+    def sendall(self, data, *flags):
+        self._arm()
+        return self._sock.sendall(data, *flags)
+
+    def recv_into(self, buffer, nbytes=0, *flags):
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes, *flags)
+
+    def makefile(self, mode="rb", buffering=-1, **kwargs):
+        """What http.client reads the answer from; like socket.makefile, it keeps
+        the socket open until the answer is closed too."""
+        self._sock._io_refs += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def __getattr__(self, name):  # close, fileno, _decref_socketios, ...
+        return getattr(self._sock, name)
+
+
+def _deadline_handlers(until):
+    """urllib handlers whose connections keep to `until` (time.monotonic())."""
+    def connection_class(base):
+        class Connection(base):
+            def connect(self):  # connect (and TLS handshake) within what is left, too
+                self.timeout = max(0.001, until - time.monotonic())
+                super().connect()
+                self.sock = _DeadlineSocket(self.sock, until)
+        return Connection
+
+    plain, tls = connection_class(http.client.HTTPConnection), connection_class(
+        http.client.HTTPSConnection)
+
+    class Plain(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(plain, req)
+
+    class TLS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(tls, req, context=self._context)
+    return Plain(), TLS()
+
+
+def http_request(method, url, body, headers, timeout):
+    """One HTTP exchange. Returns (status, headers, body) for every HTTP status;
+    raises OSError (URLError, timeouts, broken answers) when no whole answer came
+    within `timeout` seconds in total (name resolution aside: the resolver has
+    its own timeouts). Redirects are not followed; bodies are read up to
+    MAX_RESPONSE_BYTES."""
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
+        time.monotonic() + timeout))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read(MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
+    except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
+        raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
+    except (ValueError, UnicodeError) as exc:  # e.g. a header value: its text holds a secret
+        raise ConnectionError(f"cannot send the request ({type(exc).__name__})") from None
+
+
+def http_post(url, body, headers, timeout):
+    return http_request("POST", url, body, headers, timeout)
+
+
+def http_get(url, headers, timeout):
+    return http_request("GET", url, None, headers, timeout)
+
+
+def is_timeout(exc):
+    return isinstance(exc, socket.timeout) or isinstance(getattr(exc, "reason", None),
+                                                         socket.timeout)
+
+
+def network_reason(exc):
+    reason = getattr(exc, "reason", exc)
+    return one_line(reason) or type(reason).__name__
+
+
+MAX_RETRY_AFTER = 86400.0  # seconds: a later Retry-After is a server's mistake, not a plan
+
+
+def parse_retry_after(value, now=None):
+    """Seconds to wait from a Retry-After value: delay-seconds (fractions too) or an
+    HTTP date, at most MAX_RETRY_AFTER. None when absent, unparsable, zero or in the
+    past: the caller then uses its own backoff, never a retry without a pause."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = seconds_until_http_date(value, now)
+    if seconds is None or not seconds > 0:  # also refuses NaN
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def retry_after_seconds(headers, now=None):
+    """The server's own wait: OpenAI's retry-after-ms first, then Retry-After."""
+    try:
+        millis = float(headers.get("retry-after-ms") or "nan")
+    except ValueError:
+        millis = math.nan
+    if millis > 0:
+        return min(millis / 1000, MAX_RETRY_AFTER)
+    return parse_retry_after(headers.get("Retry-After"), now)
+
+
+UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def seconds_until_http_date(value, now=None):
+    """Seconds from `now` (default: the current time) until an HTTP date, or None.
+    HTTP dates are UTC (RFC 9110): a date without a zone is UTC, not local time.
+    Aware datetimes only, never the platform's time_t, which ends in 2038 on 32-bit
+    systems such as Raspberry Pi OS's armhf userland."""
+    import email.utils  # only needed for the rare HTTP-date form
+    try:
+        parts = email.utils.parsedate_tz(value)
+    except Exception:  # noqa: BLE001 - before bpo-45239 (3.9.2) odd input raised anything
+        return None  # unparsable: the caller's own backoff, as documented
+    if parts is None:
+        return None
+    try:
+        when = datetime.datetime(*parts[:6], tzinfo=datetime.timezone.utc)
+        when -= datetime.timedelta(seconds=parts[9] or 0)
+    except (ValueError, OverflowError):
+        return None
+    now = UNIX_EPOCH + datetime.timedelta(seconds=time.time() if now is None else now)
+    return (when - now).total_seconds()
+
+
+def iso_utc(timestamp):
+    """A stored Unix time as ISO 8601 UTC, computed without time_t (see above);
+    a value no calendar holds is shown as the number it is."""
+    try:
+        moment = UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
+    except (OverflowError, ValueError, TypeError):
+        return str(timestamp)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def url_host(url):
+    """scheme://host[:port] only: paths and queries of webhook URLs often hold tokens."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+
+def url_without_query(url):
+    """A URL for a log line where the path matters (which URL a signature was
+    checked against): its query, where tokens go, is only said to be there."""
+    parts = urllib.parse.urlsplit(url)
+    shown = parts._replace(query="", fragment="").geturl()
+    return shown + ("?<query not shown>" if parts.query else "")
+
+
+# === Agent: tools ===========================================================
+
+TOOL_TIMEOUT = 5.0  # seconds a tool that goes online (weather) may take per call
+
+
+class ToolError(Exception):
+    """A tool could not do what was asked; the model sees the message and goes on."""
+
+
+class ToolContext:
+    """What a tool knows of the turn it runs in."""
+
+    __slots__ = ("user_id", "session_id", "metadata", "store", "message_id")
+
+    def __init__(self, user_id, session_id, metadata, store, message_id=None):
+        self.user_id = user_id
+        self.session_id = session_id
+        self.metadata = metadata
+        self.store = store
+        self.message_id = message_id
+
+
+class Tool:
+    def __init__(self, name, description, parameters, func):
+        if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name):
+            raise ValueError(f"tool name {name!r} is not accepted by model APIs")
+        self.name, self.description, self.parameters, self.func = name, description, parameters, func
+
+
+def schema_problem(schema, value, path="arguments"):
+    """The first way `value` breaks a (small subset of) JSON Schema, or None."""
+    kinds = {"object": dict, "string": str, "integer": int, "number": (int, float),
+             "boolean": bool, "array": list}
+    kind = schema.get("type")
+    if kind in kinds:
+        if not isinstance(value, kinds[kind]) or (kind in ("integer", "number")
+                                                  and isinstance(value, bool)):
+            return f"{path} must be of type {kind}"
+    if kind == "object":
+        for name in schema.get("required", ()):
+            if name not in value:
+                return f"{path}.{name} is required"
+        properties = schema.get("properties", {})
+        for name, item in value.items():
+            if name in properties:
+                problem = schema_problem(properties[name], item, f"{path}.{name}")
+                if problem:
+                    return problem
+            elif schema.get("additionalProperties", True) is False:
+                return f"{path}.{name} is not an accepted argument"
+    if kind == "string":
+        if len(value) < schema.get("minLength", 0):
+            return f"{path} must not be empty"
+        if len(value) > schema.get("maxLength", math.inf):
+            return f"{path} is longer than {schema['maxLength']} characters"
+    return None
+
+
+class ToolRegistry:
+    def __init__(self, metrics):
+        self.tools = {}
+        self.metrics = metrics
+
+    def register(self, tool):
+        self.tools[tool.name] = tool
+
+    def offered(self):
+        """The tools the model is offered, in registration order."""
+        return list(self.tools.values())
+
+    def invoke(self, call, ctx):
+        """Run one call the model asked for. Returns the record listed in
+        `tool_calls`: {name, arguments, result} or {name, arguments, error}."""
+        raw = call.get("arguments")
+        record = {"name": call.get("name"), "arguments": raw}
+        try:
+            args = tool_arguments(raw)
+            record["arguments"] = args
+            tool = self.tools.get(call.get("name"))
+            if tool is None:
+                raise ToolError(f"unknown tool {call.get('name')!r}; available: "
+                                + ", ".join(sorted(self.tools)))
+            problem = schema_problem(tool.parameters, args)
+            if problem:
+                raise ToolError(problem)
+            result = tool.func(ctx, **args)
+            strict_json(result)  # a bug's NaN must not reach a strict receiver
+            record["result"] = result
+        except ToolError as exc:
+            record["error"] = str(exc)
+        except ValueError as exc:  # the tool's own complaint, passed on as it is
+            record["error"] = f"the tool failed: {one_line(exc)}"
+        except Exception as exc:  # the turn goes on; the traceback goes to the log
+            log.exception("tool %s failed", call.get("name"))
+            record["error"] = f"the tool failed: {type(exc).__name__}"
+        outcome = "error" if "error" in record else "ok"
+        label = record["name"] if record["name"] in self.tools else "(unknown)"  # bounded labels
+        self.metrics.inc("aibutler_tool_calls_total", (("tool", label), ("outcome", outcome)))
+        return record
+
+
+def tool_arguments(raw):
+    """The model's arguments (a JSON text, or an object some servers send) -> value;
+    only this step's failures say "not valid JSON"."""
+    if not isinstance(raw, str):
+        return raw or {}
+    try:
+        return loads_json(raw or "{}")
+    except (ValueError, RecursionError) as exc:
+        raise ToolError(f"arguments are not valid JSON: {exc}") from None
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def loads_json(text):
+    """json.loads without Python's NaN/Infinity extensions (nor numbers that
+    overflow to them), which strict parsers, and so our senders and callback
+    receivers, refuse."""
+    if not isinstance(text, str) or text.startswith("\ufeff"):  # json.loads says what is wrong
+        return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
+    return STRICT_DECODER.decode(text)
+
+
+def strict_json(value):
+    """Standard JSON text of value; ValueError for NaN or Infinity inside."""
+    return STRICT_ENCODER.encode(value)
+
+
+# Built once: json.loads and json.dumps with options build a new one on every call.
+STRICT_DECODER = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)
+STRICT_ENCODER = json.JSONEncoder(allow_nan=False)
+UNICODE_ENCODER = json.JSONEncoder(ensure_ascii=False)  # what falcon's answers use
+
+
+def tool_current_time(ctx, timezone=None):
+    name = timezone or ctx.metadata.get("timezone")
+    if name and not isinstance(name, str):
+        name = None
+    if name:
+        try:
+            zone = zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ToolError(f"unknown time zone {name!r}; use an IANA name like Europe/Madrid")
+        now = datetime.datetime.now(zone)
+    else:
+        now = datetime.datetime.now().astimezone()
+        name = now.tzname()
+    return {"iso": now.isoformat(timespec="seconds"), "timezone": name,
+            "date": f"{now:%A} {now.day} {now:%B %Y}", "time": f"{now:%H:%M}"}
+
+
+CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
+               ast.Mod: operator.mod, ast.Pow: operator.pow}
+CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+CALC_MAX_CHARS = 200
+
+
+def calculate(expression):
+    """Arithmetic on numbers with + - * / // % ** ^ and parentheses; never eval()."""
+    text = expression.replace("^", "**").replace("×", "*").replace("÷", "/").strip()
+    if not text or len(text) > CALC_MAX_CHARS:
+        raise ToolError(f"the expression must be 1 to {CALC_MAX_CHARS} characters")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise ToolError(f"{expression!r} is not an arithmetic expression") from None
+
+    def evaluate(node):
+        if isinstance(node, ast.Expression):
+            return evaluate(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return finite(node.value)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARY:
+            return CALC_UNARY[type(node.op)](evaluate(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in CALC_BINARY:
+            left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Pow) and (abs(right) > 1000 or abs(left) > 1e100):
+                raise ToolError("that power is too large to compute")
+            try:
+                result = CALC_BINARY[type(node.op)](left, right)
+            except ZeroDivisionError:
+                raise ToolError("division by zero") from None
+            except OverflowError:
+                raise ToolError("the result is too large") from None
+            if isinstance(result, int) and result.bit_length() > 4000:
+                raise ToolError("the result is too large")
+            if isinstance(result, complex):
+                raise ToolError("the result is not a real number")
+            return finite(result)
+        raise ToolError("only numbers, + - * / // % ** and parentheses are allowed")
+
+    def finite(number):  # inf and nan are not JSON: a strict receiver would drop the reply
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ToolError("the result is too large")
+        return number
+
+    value = evaluate(tree)
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return int(value)
+        return float(f"{value:.12g}")
+    return value
+
+
+def tool_calculate(ctx, expression):
+    return {"expression": expression, "value": calculate(expression)}
+
+
+def tool_remember(ctx, fact):
+    ctx.store.remember(ctx.user_id, fact.strip())
+    return {"remembered": fact.strip()}
+
+
+def tool_recall(ctx, query=""):
+    return {"facts": ctx.store.recall(ctx.user_id, query)}
+
+
+# Open-Meteo's weather codes (WMO 4677, the subset it reports) in plain words, as
+# (by day, by night): clear daylight is what people call sunny.
+WMO_CONDITIONS = {
+    0: ("sunny", "clear"), 1: ("mostly sunny", "mostly clear"), 2: ("partly cloudy",) * 2,
+    3: ("overcast",) * 2, 45: ("fog",) * 2, 48: ("freezing fog",) * 2,
+    51: ("light drizzle",) * 2, 53: ("drizzle",) * 2, 55: ("dense drizzle",) * 2,
+    56: ("light freezing drizzle",) * 2, 57: ("dense freezing drizzle",) * 2,
+    61: ("light rain",) * 2, 63: ("rain",) * 2, 65: ("heavy rain",) * 2,
+    66: ("light freezing rain",) * 2, 67: ("heavy freezing rain",) * 2,
+    71: ("light snow",) * 2, 73: ("snow",) * 2, 75: ("heavy snow",) * 2,
+    77: ("snow grains",) * 2, 80: ("light rain showers",) * 2, 81: ("rain showers",) * 2,
+    82: ("violent rain showers",) * 2, 85: ("light snow showers",) * 2,
+    86: ("heavy snow showers",) * 2, 95: ("thunderstorms",) * 2,
+    96: ("thunderstorms with light hail",) * 2, 99: ("thunderstorms with heavy hail",) * 2,
+}
+WMO_SKY_CODES = (0, 1, 2, 3)  # words about the sky ("and sunny"); the rest fall ("with rain")
+
+
+def weather_condition(code, is_day=True):
+    words = WMO_CONDITIONS.get(code)
+    return words[0 if is_day else 1] if words else f"unknown conditions (WMO code {code})"
+
+
+class WeatherTool:
+    """Current weather from Open-Meteo (free, no API key): its geocoding API
+    turns a place name into coordinates, its forecast API gives the current
+    conditions there. One lookup (both calls) has `timeout` seconds in all;
+    answers are kept per place for CACHE_SECONDS, so a chat asking twice costs
+    one lookup. Every failure is a ToolError: the model hears it, the turn goes on."""
+
+    CACHE_SECONDS = 600
+    CACHE_PLACES = 256
+    PLACE_MAX_CHARS = 200   # of a place name
+    REASON_MAX_CHARS = 200  # of the service's own error text, passed on
+    TIMEOUT = TOOL_TIMEOUT
+    CURRENT = ("temperature_2m,apparent_temperature,relative_humidity_2m,is_day,"
+               "weather_code,wind_speed_10m")
+    NO_LOCATION = ("no location given and the message's metadata has none: ask the user "
+                   "where they are (a town or city), then call weather with it")
+
+    def __init__(self, weather_url, geocoding_url, units="metric", timeout=TIMEOUT,
+                 clock=time.monotonic):
+        self.weather_url = weather_url.rstrip("/")
+        self.geocoding_url = geocoding_url.rstrip("/")
+        self.imperial = units == "imperial"
+        self.timeout = timeout
+        self.clock = clock  # for the cache only; the network deadline is real time
+        self._cache = collections.OrderedDict()  # place key -> (expires, result), oldest first
+        self._lock = threading.Lock()
+
+    def __call__(self, ctx, location=None, latitude=None, longitude=None):
+        place = self._place(ctx.metadata, location, latitude, longitude)
+        key = (" ".join(place["name"].casefold().split()) if "name" in place
+               else (round(place["latitude"], 2), round(place["longitude"], 2)))
+        result = self._cached(key)
+        if result is None:
+            deadline = time.monotonic() + self.timeout
+            if "name" in place:
+                place = self._geocode(place["name"], deadline)
+            result = self._current(place, deadline)
+            self._keep(key, result)
+        return result
+
+    @classmethod
+    def _place(cls, metadata, location=None, latitude=None, longitude=None):
+        """{'name'} or {'latitude', 'longitude'}: from the arguments, else from the
+        message's metadata.location, else its metadata.latitude and .longitude."""
+        if location is not None and location.strip():
+            return {"name": location.strip()}
+        if latitude is not None or longitude is not None:
+            if latitude is None or longitude is None:
+                raise ToolError("give both latitude and longitude, or a location name")
+            return cls._coordinates(latitude, longitude)
+        if isinstance(metadata.get("location"), str) and metadata["location"].strip():
+            return {"name": metadata["location"].strip()[:cls.PLACE_MAX_CHARS]}
+        try:
+            return cls._coordinates(float(metadata["latitude"]), float(metadata["longitude"]))
+        except (KeyError, TypeError, ValueError, ToolError):  # none, or none usable
+            raise ToolError(cls.NO_LOCATION) from None
+
+    @staticmethod
+    def _coordinates(latitude, longitude):
+        if not (-90 <= latitude <= 90 and -180 <= longitude <= 180):
+            raise ToolError("latitude must be -90 to 90 and longitude -180 to 180")
+        return {"latitude": latitude, "longitude": longitude}
+
+    def _cached(self, key):
+        with self._lock:
+            expires, result = self._cache.get(key, (0, None))
+            if expires <= self.clock():
+                self._cache.pop(key, None)
+                return None
+            self._cache.move_to_end(key)  # recently used: evicted last
+            return result
+
+    def _keep(self, key, result):
+        with self._lock:
+            self._cache[key] = (self.clock() + self.CACHE_SECONDS, result)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.CACHE_PLACES:
+                self._cache.popitem(last=False)
+
+    def _geocode(self, name, deadline):
+        """The best match for a place name; 'Paris, France' picks the Paris in France."""
+        town, _, within = (part.strip() for part in name.partition(","))
+        answer = self._get(self.geocoding_url + "/v1/search", {
+            "name": town or name, "count": 10 if within else 1, "language": "en",
+            "format": "json"}, deadline)
+        found = [r for r in answer.get("results") or ()
+                 if isinstance(r, dict) and {"name", "latitude", "longitude"} <= r.keys()]
+        if not found:
+            raise ToolError(f"no place called {name!r} was found; ask the user for the "
+                            "town or city (with its country when the name is ambiguous)")
+        inside = [r for r in found if within and within.casefold() in (
+            str(r.get(field, "")).casefold() for field in ("country", "admin1", "country_code"))]
+        return (inside or found)[0]
+
+    def _current(self, place, deadline):
+        query = {"latitude": place["latitude"], "longitude": place["longitude"],
+                 "current": self.CURRENT, "timezone": "auto"}
+        if self.imperial:
+            query.update(temperature_unit="fahrenheit", wind_speed_unit="mph")
+        answer = self._get(self.weather_url + "/v1/forecast", query, deadline)
+        now, units = answer.get("current"), answer.get("current_units") or {}
+        try:
+            temperature, code = float(now["temperature_2m"]), int(now["weather_code"])
+        except (KeyError, TypeError, ValueError):
+            raise ToolError("the weather service answered without current conditions") from None
+        is_day = bool(now.get("is_day", 1))
+        if "name" in place:
+            label = ", ".join(str(place[k]) for k in ("name", "country") if place.get(k))
+            where = {"location": label, "place": place["name"], "region": place.get("admin1"),
+                     "country": place.get("country")}
+        else:
+            where = {"location": f"{place['latitude']:.4g}, {place['longitude']:.4g}"}
+        degrees = units.get("temperature_2m") or ("°F" if self.imperial else "°C")
+        speed = units.get("wind_speed_10m") or ("mph" if self.imperial else "km/h")
+        return dict(where, **{
+            "latitude": place["latitude"], "longitude": place["longitude"],
+            "timezone": answer.get("timezone"),
+            "observed_at": self._local_time(now.get("time"), answer.get("utc_offset_seconds")),
+            "temperature": temperature, "apparent_temperature": now.get("apparent_temperature"),
+            "condition": weather_condition(code, is_day), "weather_code": code,
+            "is_day": is_day, "wind_speed": now.get("wind_speed_10m"),
+            "humidity": now.get("relative_humidity_2m"),
+            "units": {"temperature": degrees, "wind_speed": speed.replace("mp/h", "mph"),
+                      "humidity": "%"}})
+
+    @staticmethod
+    def _local_time(text, offset):
+        """Open-Meteo's local '2026-11-27T10:15' with its UTC offset: '...T10:15+01:00'."""
+        try:
+            zone = datetime.timezone(datetime.timedelta(seconds=int(offset)))
+            return datetime.datetime.fromisoformat(text).replace(tzinfo=zone).isoformat(
+                timespec="minutes")
+        except (TypeError, ValueError):
+            return text
+
+    def _get(self, url, query, deadline):
+        """GET url?query, a JSON object, before the deadline."""
+        late = ToolError(f"the weather service did not answer within {self.timeout:g}s")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise late
+        url_with_query = url + "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+        try:
+            status, _, body = http_get(url_with_query, {"User-Agent": USER_AGENT,
+                                                        "Accept": "application/json"}, remaining)
+        except OSError as exc:
+            if is_timeout(exc):
+                raise late from None
+            raise ToolError(f"the weather service at {url_host(url)} cannot be reached "
+                            f"({network_reason(exc)}); it needs internet access") from None
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not 200 <= status < 300:
+            reason = answer.get("reason") if isinstance(answer, dict) else None  # Open-Meteo's
+            raise ToolError(f"the weather service answered HTTP {status}"
+                            + (f": {one_line(str(reason))[:self.REASON_MAX_CHARS]}"
+                               if reason else ""))
+        if not isinstance(answer, dict):
+            raise ToolError("the weather service answered with something that is not JSON")
+        return answer
+
+
+def object_schema(required=(), **properties):
+    """A tool's parameters: an object of these properties and no others."""
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def string_schema(max_length, min_length=0, description=None):
+    schema = {"type": "string", "maxLength": max_length}
+    if min_length:
+        schema["minLength"] = min_length
+    if description:
+        schema["description"] = description
+    return schema
+
+
+# Every tool the model can be offered, in the order offered; [tools] enabled picks
+# among them. make(tools_config, notifier) gives its function, None when it cannot
+# work here (webhook_send without an outbound URL); online: it needs the network.
+ToolSpec = collections.namedtuple("ToolSpec", "name description parameters make online")
+TOOLS = (
+    ToolSpec("current_time", "The current date and time, in the sender's time zone when known.",
+             object_schema(timezone={"type": "string",
+                                     "description": "IANA time zone, e.g. Europe/Madrid"}),
+             lambda config, notifier: tool_current_time, online=False),
+    ToolSpec("calculate", "Evaluate an arithmetic expression exactly (+ - * / // % ** and "
+             "parentheses).",
+             object_schema(["expression"], expression=string_schema(CALC_MAX_CHARS, 1)),
+             lambda config, notifier: tool_calculate, online=False),
+    ToolSpec("remember", "Store a fact about this user for later conversations.",
+             object_schema(["fact"], fact=string_schema(2000, 1)),
+             lambda config, notifier: tool_remember, online=False),
+    ToolSpec("recall", "Look up facts remembered about this user; an empty query lists them "
+             "all.", object_schema(query=string_schema(200)),
+             lambda config, notifier: tool_recall, online=False),
+    ToolSpec("weather", "Current weather (temperature, feels-like, conditions, wind, humidity) "
+             "for a place name or coordinates. With no arguments it uses the location in the "
+             "message's metadata; if there is none, it says so and you should ask the user.",
+             object_schema(location=string_schema(WeatherTool.PLACE_MAX_CHARS, description=(
+                               "town or city, e.g. Madrid or Paris, France")),
+                           latitude={"type": "number"}, longitude={"type": "number"}),
+             lambda config, notifier: WeatherTool(config.weather_url, config.geocoding_url,
+                                                  config.units), online=True),
+    ToolSpec("webhook_send", "Send a message to the user's system through the outbound "
+             "webhook.", object_schema(["message"], message=string_schema(10000, 1)),
+             lambda config, notifier: notifier and (lambda ctx, message: {
+                 "queued": True, "message_id": notifier(ctx, message)}), online=True),
+)
+TOOL_NAMES = tuple(spec.name for spec in TOOLS)
+
+
+def build_tools(tools_config, metrics, notifier=None):
+    """The tool registry every provider is offered: those of TOOLS that the
+    [tools] section enables and that can work here. `notifier(ctx, message)`
+    queues a message to the outbound URL (async mode only)."""
+    registry = ToolRegistry(metrics)
+    for spec in TOOLS:
+        func = spec.name in tools_config.enabled and spec.make(tools_config, notifier)
+        if func:
+            registry.register(Tool(spec.name, spec.description, spec.parameters, func))
+    return registry
 
 
 # === Config =================================================================
@@ -375,10 +1041,6 @@ def parse_networks(text):
 
 def parse_names(text):
     return [part.strip() for part in str(text).split(",") if part.strip()]
-
-
-# The tools build_tools can offer the model; [tools] enabled picks among them.
-TOOL_NAMES = ("current_time", "calculate", "remember", "recall", "weather", "webhook_send")
 
 
 def parse_tool_names(text):
@@ -536,7 +1198,6 @@ class Settings:
         return getattr(self.config, name)
 
 
-TOOL_TIMEOUT = 5.0  # seconds a tool that goes online (weather) may take per call
 TURN_SLACK = 5.0    # seconds a turn may take beyond its model and tool calls (sqlite)
 
 
@@ -635,10 +1296,6 @@ def check_channels(config, origin):
 
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")  # create_app adds them
-
-
-def one_line(exc):
-    return " ".join(str(exc).split())
 
 
 # === Vault ==================================================================
@@ -1604,650 +2261,6 @@ def format_labels(labels):
     escaped = (key + '="' + str(value).replace("\\", "\\\\").replace('"', '\\"')
                .replace("\n", "\\n") + '"' for key, value in labels)
     return "{" + ",".join(escaped) + "}"
-
-
-# === HTTP client: deadlines, retries, HTTP dates ============================
-
-MAX_RESPONSE_BYTES = 8 * 1024 * 1024
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None  # a redirect is reported as the non-2xx status it is
-
-
-class _DeadlineSocket:
-    """A connected socket whose every read and write gets what is left of one
-    total deadline as its timeout: a socket timeout alone bounds each read, and a
-    server dribbling a byte every few seconds would hold an attempt for minutes."""
-
-    def __init__(self, sock, until):
-        self._sock, self._until = sock, until
-
-    def _arm(self):
-        left = self._until - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("timed out")
-        self._sock.settimeout(left)
-
-    def sendall(self, data, *flags):
-        self._arm()
-        return self._sock.sendall(data, *flags)
-
-    def recv_into(self, buffer, nbytes=0, *flags):
-        self._arm()
-        return self._sock.recv_into(buffer, nbytes, *flags)
-
-    def makefile(self, mode="rb", buffering=-1, **kwargs):
-        """What http.client reads the answer from; like socket.makefile, it keeps
-        the socket open until the answer is closed too."""
-        self._sock._io_refs += 1
-        return io.BufferedReader(socket.SocketIO(self, "rb"))
-
-    def __getattr__(self, name):  # close, fileno, _decref_socketios, ...
-        return getattr(self._sock, name)
-
-
-def _deadline_handlers(until):
-    """urllib handlers whose connections keep to `until` (time.monotonic())."""
-    def connection_class(base):
-        class Connection(base):
-            def connect(self):  # connect (and TLS handshake) within what is left, too
-                self.timeout = max(0.001, until - time.monotonic())
-                super().connect()
-                self.sock = _DeadlineSocket(self.sock, until)
-        return Connection
-
-    plain, tls = connection_class(http.client.HTTPConnection), connection_class(
-        http.client.HTTPSConnection)
-
-    class Plain(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(plain, req)
-
-    class TLS(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(tls, req, context=self._context)
-    return Plain(), TLS()
-
-
-def http_request(method, url, body, headers, timeout):
-    """One HTTP exchange. Returns (status, headers, body) for every HTTP status;
-    raises OSError (URLError, timeouts, broken answers) when no whole answer came
-    within `timeout` seconds in total (name resolution aside: the resolver has
-    its own timeouts). Redirects are not followed; bodies are read up to
-    MAX_RESPONSE_BYTES."""
-    request = urllib.request.Request(url, data=body, headers=headers, method=method)
-    opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
-        time.monotonic() + timeout))
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read(MAX_RESPONSE_BYTES)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
-    except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
-        raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
-    except (ValueError, UnicodeError) as exc:  # e.g. a header value: its text holds a secret
-        raise ConnectionError(f"cannot send the request ({type(exc).__name__})") from None
-
-
-def http_post(url, body, headers, timeout):
-    return http_request("POST", url, body, headers, timeout)
-
-
-def http_get(url, headers, timeout):
-    return http_request("GET", url, None, headers, timeout)
-
-
-def is_timeout(exc):
-    return isinstance(exc, socket.timeout) or isinstance(getattr(exc, "reason", None),
-                                                         socket.timeout)
-
-
-def network_reason(exc):
-    reason = getattr(exc, "reason", exc)
-    return one_line(reason) or type(reason).__name__
-
-
-MAX_RETRY_AFTER = 86400.0  # seconds: a later Retry-After is a server's mistake, not a plan
-
-
-def parse_retry_after(value, now=None):
-    """Seconds to wait from a Retry-After value: delay-seconds (fractions too) or an
-    HTTP date, at most MAX_RETRY_AFTER. None when absent, unparsable, zero or in the
-    past: the caller then uses its own backoff, never a retry without a pause."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = seconds_until_http_date(value, now)
-    if seconds is None or not seconds > 0:  # also refuses NaN
-        return None
-    return min(seconds, MAX_RETRY_AFTER)
-
-
-def retry_after_seconds(headers, now=None):
-    """The server's own wait: OpenAI's retry-after-ms first, then Retry-After."""
-    try:
-        millis = float(headers.get("retry-after-ms") or "nan")
-    except ValueError:
-        millis = math.nan
-    if millis > 0:
-        return min(millis / 1000, MAX_RETRY_AFTER)
-    return parse_retry_after(headers.get("Retry-After"), now)
-
-
-UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-
-
-def seconds_until_http_date(value, now=None):
-    """Seconds from `now` (default: the current time) until an HTTP date, or None.
-    HTTP dates are UTC (RFC 9110): a date without a zone is UTC, not local time.
-    Aware datetimes only, never the platform's time_t, which ends in 2038 on 32-bit
-    systems such as Raspberry Pi OS's armhf userland."""
-    import email.utils  # only needed for the rare HTTP-date form
-    try:
-        parts = email.utils.parsedate_tz(value)
-    except Exception:  # noqa: BLE001 - before bpo-45239 (3.9.2) odd input raised anything
-        return None  # unparsable: the caller's own backoff, as documented
-    if parts is None:
-        return None
-    try:
-        when = datetime.datetime(*parts[:6], tzinfo=datetime.timezone.utc)
-        when -= datetime.timedelta(seconds=parts[9] or 0)
-    except (ValueError, OverflowError):
-        return None
-    now = UNIX_EPOCH + datetime.timedelta(seconds=time.time() if now is None else now)
-    return (when - now).total_seconds()
-
-
-def iso_utc(timestamp):
-    """A stored Unix time as ISO 8601 UTC, computed without time_t (see above);
-    a value no calendar holds is shown as the number it is."""
-    try:
-        moment = UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
-    except (OverflowError, ValueError, TypeError):
-        return str(timestamp)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def url_host(url):
-    """scheme://host[:port] only: paths and queries of webhook URLs often hold tokens."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-
-
-def url_without_query(url):
-    """A URL for a log line where the path matters (which URL a signature was
-    checked against): its query, where tokens go, is only said to be there."""
-    parts = urllib.parse.urlsplit(url)
-    shown = parts._replace(query="", fragment="").geturl()
-    return shown + ("?<query not shown>" if parts.query else "")
-
-
-# === Agent: tools ===========================================================
-
-class ToolError(Exception):
-    """A tool could not do what was asked; the model sees the message and goes on."""
-
-
-class ToolContext:
-    """What a tool knows of the turn it runs in."""
-
-    __slots__ = ("user_id", "session_id", "metadata", "store", "message_id")
-
-    def __init__(self, user_id, session_id, metadata, store, message_id=None):
-        self.user_id = user_id
-        self.session_id = session_id
-        self.metadata = metadata
-        self.store = store
-        self.message_id = message_id
-
-
-class Tool:
-    def __init__(self, name, description, parameters, func):
-        if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name):
-            raise ValueError(f"tool name {name!r} is not accepted by model APIs")
-        self.name, self.description, self.parameters, self.func = name, description, parameters, func
-
-
-def schema_problem(schema, value, path="arguments"):
-    """The first way `value` breaks a (small subset of) JSON Schema, or None."""
-    kinds = {"object": dict, "string": str, "integer": int, "number": (int, float),
-             "boolean": bool, "array": list}
-    kind = schema.get("type")
-    if kind in kinds:
-        if not isinstance(value, kinds[kind]) or (kind in ("integer", "number")
-                                                  and isinstance(value, bool)):
-            return f"{path} must be of type {kind}"
-    if kind == "object":
-        for name in schema.get("required", ()):
-            if name not in value:
-                return f"{path}.{name} is required"
-        properties = schema.get("properties", {})
-        for name, item in value.items():
-            if name in properties:
-                problem = schema_problem(properties[name], item, f"{path}.{name}")
-                if problem:
-                    return problem
-            elif schema.get("additionalProperties", True) is False:
-                return f"{path}.{name} is not an accepted argument"
-    if kind == "string":
-        if len(value) < schema.get("minLength", 0):
-            return f"{path} must not be empty"
-        if len(value) > schema.get("maxLength", math.inf):
-            return f"{path} is longer than {schema['maxLength']} characters"
-    return None
-
-
-class ToolRegistry:
-    def __init__(self, metrics):
-        self.tools = {}
-        self.metrics = metrics
-
-    def register(self, tool):
-        self.tools[tool.name] = tool
-
-    def offered(self):
-        """The tools the model is offered, in registration order."""
-        return list(self.tools.values())
-
-    def invoke(self, call, ctx):
-        """Run one call the model asked for. Returns the record listed in
-        `tool_calls`: {name, arguments, result} or {name, arguments, error}."""
-        raw = call.get("arguments")
-        record = {"name": call.get("name"), "arguments": raw}
-        try:
-            args = tool_arguments(raw)
-            record["arguments"] = args
-            tool = self.tools.get(call.get("name"))
-            if tool is None:
-                raise ToolError(f"unknown tool {call.get('name')!r}; available: "
-                                + ", ".join(sorted(self.tools)))
-            problem = schema_problem(tool.parameters, args)
-            if problem:
-                raise ToolError(problem)
-            result = tool.func(ctx, **args)
-            strict_json(result)  # a bug's NaN must not reach a strict receiver
-            record["result"] = result
-        except ToolError as exc:
-            record["error"] = str(exc)
-        except ValueError as exc:  # the tool's own complaint, passed on as it is
-            record["error"] = f"the tool failed: {one_line(exc)}"
-        except Exception as exc:  # the turn goes on; the traceback goes to the log
-            log.exception("tool %s failed", call.get("name"))
-            record["error"] = f"the tool failed: {type(exc).__name__}"
-        outcome = "error" if "error" in record else "ok"
-        label = record["name"] if record["name"] in self.tools else "(unknown)"  # bounded labels
-        self.metrics.inc("aibutler_tool_calls_total", (("tool", label), ("outcome", outcome)))
-        return record
-
-
-def tool_arguments(raw):
-    """The model's arguments (a JSON text, or an object some servers send) -> value;
-    only this step's failures say "not valid JSON"."""
-    if not isinstance(raw, str):
-        return raw or {}
-    try:
-        return loads_json(raw or "{}")
-    except (ValueError, RecursionError) as exc:
-        raise ToolError(f"arguments are not valid JSON: {exc}") from None
-
-
-def reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def finite_float(text):
-    value = float(text)
-    if not math.isfinite(value):  # 1e999
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-def loads_json(text):
-    """json.loads without Python's NaN/Infinity extensions (nor numbers that
-    overflow to them), which strict parsers, and so our senders and callback
-    receivers, refuse."""
-    if not isinstance(text, str) or text.startswith("\ufeff"):  # json.loads says what is wrong
-        return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
-    return STRICT_DECODER.decode(text)
-
-
-def strict_json(value):
-    """Standard JSON text of value; ValueError for NaN or Infinity inside."""
-    return STRICT_ENCODER.encode(value)
-
-
-# Built once: json.loads and json.dumps with options build a new one on every call.
-STRICT_DECODER = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)
-STRICT_ENCODER = json.JSONEncoder(allow_nan=False)
-UNICODE_ENCODER = json.JSONEncoder(ensure_ascii=False)  # what falcon's answers use
-
-
-def tool_current_time(ctx, timezone=None):
-    name = timezone or ctx.metadata.get("timezone")
-    if name and not isinstance(name, str):
-        name = None
-    if name:
-        try:
-            zone = zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ToolError(f"unknown time zone {name!r}; use an IANA name like Europe/Madrid")
-        now = datetime.datetime.now(zone)
-    else:
-        now = datetime.datetime.now().astimezone()
-        name = now.tzname()
-    return {"iso": now.isoformat(timespec="seconds"), "timezone": name,
-            "date": f"{now:%A} {now.day} {now:%B %Y}", "time": f"{now:%H:%M}"}
-
-
-CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
-               ast.Mod: operator.mod, ast.Pow: operator.pow}
-CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
-
-CALC_MAX_CHARS = 200
-
-
-def calculate(expression):
-    """Arithmetic on numbers with + - * / // % ** ^ and parentheses; never eval()."""
-    text = expression.replace("^", "**").replace("×", "*").replace("÷", "/").strip()
-    if not text or len(text) > CALC_MAX_CHARS:
-        raise ToolError(f"the expression must be 1 to {CALC_MAX_CHARS} characters")
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        raise ToolError(f"{expression!r} is not an arithmetic expression") from None
-
-    def evaluate(node):
-        if isinstance(node, ast.Expression):
-            return evaluate(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return finite(node.value)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARY:
-            return CALC_UNARY[type(node.op)](evaluate(node.operand))
-        if isinstance(node, ast.BinOp) and type(node.op) in CALC_BINARY:
-            left, right = evaluate(node.left), evaluate(node.right)
-            if isinstance(node.op, ast.Pow) and (abs(right) > 1000 or abs(left) > 1e100):
-                raise ToolError("that power is too large to compute")
-            try:
-                result = CALC_BINARY[type(node.op)](left, right)
-            except ZeroDivisionError:
-                raise ToolError("division by zero") from None
-            except OverflowError:
-                raise ToolError("the result is too large") from None
-            if isinstance(result, int) and result.bit_length() > 4000:
-                raise ToolError("the result is too large")
-            if isinstance(result, complex):
-                raise ToolError("the result is not a real number")
-            return finite(result)
-        raise ToolError("only numbers, + - * / // % ** and parentheses are allowed")
-
-    def finite(number):  # inf and nan are not JSON: a strict receiver would drop the reply
-        if isinstance(number, float) and not math.isfinite(number):
-            raise ToolError("the result is too large")
-        return number
-
-    value = evaluate(tree)
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e15:
-            return int(value)
-        return float(f"{value:.12g}")
-    return value
-
-
-def tool_calculate(ctx, expression):
-    return {"expression": expression, "value": calculate(expression)}
-
-
-def tool_remember(ctx, fact):
-    ctx.store.remember(ctx.user_id, fact.strip())
-    return {"remembered": fact.strip()}
-
-
-def tool_recall(ctx, query=""):
-    return {"facts": ctx.store.recall(ctx.user_id, query)}
-
-
-# Open-Meteo's weather codes (WMO 4677, the subset it reports) in plain words, as
-# (by day, by night): clear daylight is what people call sunny.
-WMO_CONDITIONS = {
-    0: ("sunny", "clear"), 1: ("mostly sunny", "mostly clear"), 2: ("partly cloudy",) * 2,
-    3: ("overcast",) * 2, 45: ("fog",) * 2, 48: ("freezing fog",) * 2,
-    51: ("light drizzle",) * 2, 53: ("drizzle",) * 2, 55: ("dense drizzle",) * 2,
-    56: ("light freezing drizzle",) * 2, 57: ("dense freezing drizzle",) * 2,
-    61: ("light rain",) * 2, 63: ("rain",) * 2, 65: ("heavy rain",) * 2,
-    66: ("light freezing rain",) * 2, 67: ("heavy freezing rain",) * 2,
-    71: ("light snow",) * 2, 73: ("snow",) * 2, 75: ("heavy snow",) * 2,
-    77: ("snow grains",) * 2, 80: ("light rain showers",) * 2, 81: ("rain showers",) * 2,
-    82: ("violent rain showers",) * 2, 85: ("light snow showers",) * 2,
-    86: ("heavy snow showers",) * 2, 95: ("thunderstorms",) * 2,
-    96: ("thunderstorms with light hail",) * 2, 99: ("thunderstorms with heavy hail",) * 2,
-}
-WMO_SKY_CODES = (0, 1, 2, 3)  # words about the sky ("and sunny"); the rest fall ("with rain")
-
-
-def weather_condition(code, is_day=True):
-    words = WMO_CONDITIONS.get(code)
-    return words[0 if is_day else 1] if words else f"unknown conditions (WMO code {code})"
-
-
-class WeatherTool:
-    """Current weather from Open-Meteo (free, no API key): its geocoding API
-    turns a place name into coordinates, its forecast API gives the current
-    conditions there. One lookup (both calls) has `timeout` seconds in all;
-    answers are kept per place for CACHE_SECONDS, so a chat asking twice costs
-    one lookup. Every failure is a ToolError: the model hears it, the turn goes on."""
-
-    CACHE_SECONDS = 600
-    CACHE_PLACES = 256
-    PLACE_MAX_CHARS = 200   # of a place name
-    REASON_MAX_CHARS = 200  # of the service's own error text, passed on
-    TIMEOUT = TOOL_TIMEOUT
-    CURRENT = ("temperature_2m,apparent_temperature,relative_humidity_2m,is_day,"
-               "weather_code,wind_speed_10m")
-    NO_LOCATION = ("no location given and the message's metadata has none: ask the user "
-                   "where they are (a town or city), then call weather with it")
-
-    def __init__(self, weather_url, geocoding_url, units="metric", timeout=TIMEOUT,
-                 clock=time.monotonic):
-        self.weather_url = weather_url.rstrip("/")
-        self.geocoding_url = geocoding_url.rstrip("/")
-        self.imperial = units == "imperial"
-        self.timeout = timeout
-        self.clock = clock  # for the cache only; the network deadline is real time
-        self._cache = collections.OrderedDict()  # place key -> (expires, result), oldest first
-        self._lock = threading.Lock()
-
-    def __call__(self, ctx, location=None, latitude=None, longitude=None):
-        place = self._place(ctx.metadata, location, latitude, longitude)
-        key = (" ".join(place["name"].casefold().split()) if "name" in place
-               else (round(place["latitude"], 2), round(place["longitude"], 2)))
-        result = self._cached(key)
-        if result is None:
-            deadline = time.monotonic() + self.timeout
-            if "name" in place:
-                place = self._geocode(place["name"], deadline)
-            result = self._current(place, deadline)
-            self._keep(key, result)
-        return result
-
-    @classmethod
-    def _place(cls, metadata, location=None, latitude=None, longitude=None):
-        """{'name'} or {'latitude', 'longitude'}: from the arguments, else from the
-        message's metadata.location, else its metadata.latitude and .longitude."""
-        if location is not None and location.strip():
-            return {"name": location.strip()}
-        if latitude is not None or longitude is not None:
-            if latitude is None or longitude is None:
-                raise ToolError("give both latitude and longitude, or a location name")
-            return cls._coordinates(latitude, longitude)
-        if isinstance(metadata.get("location"), str) and metadata["location"].strip():
-            return {"name": metadata["location"].strip()[:cls.PLACE_MAX_CHARS]}
-        try:
-            return cls._coordinates(float(metadata["latitude"]), float(metadata["longitude"]))
-        except (KeyError, TypeError, ValueError, ToolError):  # none, or none usable
-            raise ToolError(cls.NO_LOCATION) from None
-
-    @staticmethod
-    def _coordinates(latitude, longitude):
-        if not (-90 <= latitude <= 90 and -180 <= longitude <= 180):
-            raise ToolError("latitude must be -90 to 90 and longitude -180 to 180")
-        return {"latitude": latitude, "longitude": longitude}
-
-    def _cached(self, key):
-        with self._lock:
-            expires, result = self._cache.get(key, (0, None))
-            if expires <= self.clock():
-                self._cache.pop(key, None)
-                return None
-            self._cache.move_to_end(key)  # recently used: evicted last
-            return result
-
-    def _keep(self, key, result):
-        with self._lock:
-            self._cache[key] = (self.clock() + self.CACHE_SECONDS, result)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.CACHE_PLACES:
-                self._cache.popitem(last=False)
-
-    def _geocode(self, name, deadline):
-        """The best match for a place name; 'Paris, France' picks the Paris in France."""
-        town, _, within = (part.strip() for part in name.partition(","))
-        answer = self._get(self.geocoding_url + "/v1/search", {
-            "name": town or name, "count": 10 if within else 1, "language": "en",
-            "format": "json"}, deadline)
-        found = [r for r in answer.get("results") or ()
-                 if isinstance(r, dict) and {"name", "latitude", "longitude"} <= r.keys()]
-        if not found:
-            raise ToolError(f"no place called {name!r} was found; ask the user for the "
-                            "town or city (with its country when the name is ambiguous)")
-        inside = [r for r in found if within and within.casefold() in (
-            str(r.get(field, "")).casefold() for field in ("country", "admin1", "country_code"))]
-        return (inside or found)[0]
-
-    def _current(self, place, deadline):
-        query = {"latitude": place["latitude"], "longitude": place["longitude"],
-                 "current": self.CURRENT, "timezone": "auto"}
-        if self.imperial:
-            query.update(temperature_unit="fahrenheit", wind_speed_unit="mph")
-        answer = self._get(self.weather_url + "/v1/forecast", query, deadline)
-        now, units = answer.get("current"), answer.get("current_units") or {}
-        try:
-            temperature, code = float(now["temperature_2m"]), int(now["weather_code"])
-        except (KeyError, TypeError, ValueError):
-            raise ToolError("the weather service answered without current conditions") from None
-        is_day = bool(now.get("is_day", 1))
-        if "name" in place:
-            label = ", ".join(str(place[k]) for k in ("name", "country") if place.get(k))
-            where = {"location": label, "place": place["name"], "region": place.get("admin1"),
-                     "country": place.get("country")}
-        else:
-            where = {"location": f"{place['latitude']:.4g}, {place['longitude']:.4g}"}
-        degrees = units.get("temperature_2m") or ("°F" if self.imperial else "°C")
-        speed = units.get("wind_speed_10m") or ("mph" if self.imperial else "km/h")
-        return dict(where, **{
-            "latitude": place["latitude"], "longitude": place["longitude"],
-            "timezone": answer.get("timezone"),
-            "observed_at": self._local_time(now.get("time"), answer.get("utc_offset_seconds")),
-            "temperature": temperature, "apparent_temperature": now.get("apparent_temperature"),
-            "condition": weather_condition(code, is_day), "weather_code": code,
-            "is_day": is_day, "wind_speed": now.get("wind_speed_10m"),
-            "humidity": now.get("relative_humidity_2m"),
-            "units": {"temperature": degrees, "wind_speed": speed.replace("mp/h", "mph"),
-                      "humidity": "%"}})
-
-    @staticmethod
-    def _local_time(text, offset):
-        """Open-Meteo's local '2026-11-27T10:15' with its UTC offset: '...T10:15+01:00'."""
-        try:
-            zone = datetime.timezone(datetime.timedelta(seconds=int(offset)))
-            return datetime.datetime.fromisoformat(text).replace(tzinfo=zone).isoformat(
-                timespec="minutes")
-        except (TypeError, ValueError):
-            return text
-
-    def _get(self, url, query, deadline):
-        """GET url?query, a JSON object, before the deadline."""
-        late = ToolError(f"the weather service did not answer within {self.timeout:g}s")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise late
-        url_with_query = url + "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
-        try:
-            status, _, body = http_get(url_with_query, {"User-Agent": USER_AGENT,
-                                                        "Accept": "application/json"}, remaining)
-        except OSError as exc:
-            if is_timeout(exc):
-                raise late from None
-            raise ToolError(f"the weather service at {url_host(url)} cannot be reached "
-                            f"({network_reason(exc)}); it needs internet access") from None
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
-        if not 200 <= status < 300:
-            reason = answer.get("reason") if isinstance(answer, dict) else None  # Open-Meteo's
-            raise ToolError(f"the weather service answered HTTP {status}"
-                            + (f": {one_line(str(reason))[:self.REASON_MAX_CHARS]}"
-                               if reason else ""))
-        if not isinstance(answer, dict):
-            raise ToolError("the weather service answered with something that is not JSON")
-        return answer
-
-
-def build_tools(tools_config, metrics, notifier=None):
-    """The tool registry every provider is offered: those the [tools] section
-    enables. `notifier(ctx, message)` queues a message to the outbound URL;
-    webhook_send exists only when one is given."""
-    registry = ToolRegistry(metrics)
-
-    def offer(tool):
-        if tool.name in tools_config.enabled:
-            registry.register(tool)
-    offer(Tool(
-        "current_time", "The current date and time, in the sender's time zone when known.",
-        {"type": "object", "properties": {"timezone": {
-            "type": "string", "description": "IANA time zone, e.g. Europe/Madrid"}},
-         "additionalProperties": False}, tool_current_time))
-    offer(Tool(
-        "calculate", "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses).",
-        {"type": "object", "properties": {"expression": {"type": "string", "minLength": 1,
-                                                         "maxLength": CALC_MAX_CHARS}},
-         "required": ["expression"], "additionalProperties": False}, tool_calculate))
-    offer(Tool(
-        "remember", "Store a fact about this user for later conversations.",
-        {"type": "object", "properties": {"fact": {"type": "string", "minLength": 1,
-                                                   "maxLength": 2000}},
-         "required": ["fact"], "additionalProperties": False}, tool_remember))
-    offer(Tool(
-        "recall", "Look up facts remembered about this user; an empty query lists them all.",
-        {"type": "object", "properties": {"query": {"type": "string", "maxLength": 200}},
-         "additionalProperties": False}, tool_recall))
-    offer(Tool(
-        "weather", "Current weather (temperature, feels-like, conditions, wind, humidity) "
-        "for a place name or coordinates. With no arguments it uses the location in the "
-        "message's metadata; if there is none, it says so and you should ask the user.",
-        {"type": "object", "properties": {
-            "location": {"type": "string", "maxLength": WeatherTool.PLACE_MAX_CHARS,
-                         "description": "town or city, e.g. Madrid or Paris, France"},
-            "latitude": {"type": "number"}, "longitude": {"type": "number"}},
-         "additionalProperties": False},
-        WeatherTool(tools_config.weather_url, tools_config.geocoding_url,
-                    tools_config.units)))
-    if notifier is not None:
-        offer(Tool(
-            "webhook_send", "Send a message to the user's system through the outbound webhook.",
-            {"type": "object", "properties": {"message": {"type": "string", "minLength": 1,
-                                                          "maxLength": 10000}},
-             "required": ["message"], "additionalProperties": False},
-            lambda ctx, message: {"queued": True, "message_id": notifier(ctx, message)}))
-    return registry
 
 
 # === Agent: model providers =================================================
@@ -5212,7 +5225,10 @@ class Daemon:
             log.info("channels: %s", channel.describe())
         if not active:
             log.info("channels: none active (enable [channels.webhook])")
-        if "webhook_send" in self.butler.tools.tools:
+        offered = set(self.butler.tools.tools)
+        log.info("tools: %s", ", ".join(spec.name + (" (online)" if spec.online else "")
+                                        for spec in TOOLS if spec.name in offered) or "none")
+        if "webhook_send" in offered:
             log.info("webhook: tools registered (webhook_send)")
         for warning in settings.warnings:
             log.warning("config: %s", warning)
