@@ -2826,6 +2826,22 @@ class Agent:
 # batch of accepts, not one each. A turn's exchange is recorded in the
 # transaction that finishes it (its idempotency key, its job), so a killed
 # process records it once or not at all.
+#
+# The daemon's locks, outermost first: a thread holding one takes only locks
+# listed after it (and logging's handler lock, taken by every log line).
+#   Handover._changed      a result handed to its waiting request; Store.finish_job
+#                          runs inside it (never the reverse: see Inbox.accept)
+#   WorkerPool._rescue_lock  one rescue of stranded items at a time; Store.requeue inside
+#   Store._db_lock         the one sqlite connection (re-entrant: a transaction reads)
+#   Store._write_lock      this process's one writer; sqlite's own write lock (BEGIN
+#                          IMMEDIATE, shared with the CLI) is taken inside it
+#   Authenticator._lock    failing addresses; Metrics._lock inside
+#   Store._synced, TurnGate._lock, Inbox._finished, WorkerPool._threads_lock,
+#   RequestThreads._lock (waitress's dispatcher lock inside), RateLimiter._lock,
+#   WeatherTool._lock, Daemon._inflight_lock, Metrics._lock: each taken alone.
+# Store._synced is taken after the transaction's locks are let go, so no thread
+# waits for the disk while another waits for the connection. The Checkpointer
+# has a connection of its own and takes none of these.
 
 def sign_payload(secret, message_id, timestamp, body):
     """Standard Webhooks v1: base64 HMAC-SHA256 of "id.timestamp.body", keyed
