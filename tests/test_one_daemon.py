@@ -8,7 +8,6 @@ import os
 import re
 import sqlite3
 import threading
-import time
 
 import aibutler
 from conftest import SECRET, Recorder, held, in_background, ok, openai_text, until
