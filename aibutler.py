@@ -2188,7 +2188,8 @@ class Metrics:
         "aibutler_turns_running": ("gauge", "Turns under way ([agent] concurrency at most)."),
         "aibutler_turns_waiting": ("gauge", "Turns waiting for a place at the model."),
         "aibutler_requests_waiting": ("gauge", "Requests waiting for a reply (Prefer: wait, "
-                                               "long polls of a message's status)."),
+                                               "long polls of a message's status, a repeat "
+                                               "of a request still running)."),
     }
 
     def __init__(self):
@@ -3079,6 +3080,7 @@ class Inbox:
         self.workers = workers
         self.handover = handover
         self._finished = threading.Condition()
+        self.waiting = 0  # repeats waiting for their first request (a gauge in /metrics)
 
     def run_sync(self, request, key=None):
         """Returns (status, body, replayed)."""
@@ -3198,7 +3200,9 @@ class Inbox:
             if time.monotonic() > deadline:
                 raise still_running()
             with self._finished:
+                self.waiting += 1
                 self._finished.wait(self.RECHECK_EVERY)
+                self.waiting -= 1
 
     def _announce(self):
         with self._finished:
@@ -4952,7 +4956,8 @@ class Butler:
                       lambda: store.delivery_counts().get("pending", 0))
         metrics.gauge("aibutler_turns_running", lambda: self.gate.running)
         metrics.gauge("aibutler_turns_waiting", self.gate.waiting)
-        metrics.gauge("aibutler_requests_waiting", lambda: self.handover.waiting)
+        metrics.gauge("aibutler_requests_waiting",
+                      lambda: self.handover.waiting + self.inbox.waiting)
         self._started = False
 
     def active_channels(self):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import aibutler
-from conftest import SECRET, auth, held, make_config, ok, openai_text
+from conftest import SECRET, auth, gauge, held, make_config, ok, openai_text, until
 
 FAST = "retry_schedule = 100ms, 100ms, 100ms, 100ms, 100ms\n"
 
@@ -61,8 +61,9 @@ def test_retry_after_is_honoured(vault, store, receiver):
     store.clock = lambda: now[0]
     config = make_config(webhook={"outbound_url": callbacks.url},
                          delivery={"retry_schedule": "100ms, 100ms, 100ms, 100ms, 100ms"})
-    dispatcher = aibutler.CallbackDispatcher(config, store, vault, aibutler.Metrics(),
-                                             clock=store.clock)
+    dispatcher = aibutler.CallbackDispatcher(
+        config, store, aibutler.Metrics(),
+        aibutler.build_channels(config, vault, store, clock=store.clock), clock=store.clock)
     with store.transaction(durable=True) as db:
         store.add_delivery(db, "msg-1", "u", {"message_id": "msg-1", "reply": "hello"})
 
@@ -212,14 +213,14 @@ def test_a_repeat_during_the_first_run_waits_for_it(daemon, receiver):
             first = pool.submit(d.post, message, {"Idempotency-Key": "same"})
             model.wait_for(1)  # the first run is in the model
             second = pool.submit(d.post, message, {"Idempotency-Key": "same"})
-            # Nothing the daemon shows tells that the repeat has arrived and waits,
-            # so it gets a moment; were it late, it would get the stored answer.
-            time.sleep(0.3)
-            assert not second.done()  # the repeat neither runs again nor fails meanwhile
+            until(lambda: gauge(d, "aibutler_requests_waiting") == 1)  # the repeat waits
+            assert not second.done() and len(model.requests) == 1
         finally:
             thinking.set()
         results = [first.result(), second.result()]
+    assert [r[0] for r in results] == [200, 200]
     assert [r[2]["reply"] for r in results] == ["only once", "only once"]
+    assert "Idempotent-Replayed" not in results[0][1]
     assert results[1][1]["Idempotent-Replayed"] == "true"
     assert len(model.requests) == 1
     assert d.stop() == 0

@@ -180,14 +180,26 @@ def test_history_window_starts_at_a_user_message(app_for, vault, receiver):
 
 
 def test_users_taking_turns_keep_their_sessions_trimmed(app_for, store):
-    client = app_for(sessions={"max_history": "4"})
+    max_history = 4  # messages; each exchange stores two: the user's and the reply
+    client = app_for(sessions={"max_history": str(max_history)})
+    replies = {}
     for i in range(40):
         for user in ("alice", "bob"):
-            assert ask(client, f"hello {i}", user).status_code == 200
+            answer = ask(client, f"hello {i}", user)
+            assert answer.status_code == 200
+            replies[user, i] = answer.json["reply"]
     with store.connection() as db:
         rows = db.execute("SELECT session_id, COUNT(*) AS n FROM messages "
                           "GROUP BY session_id").fetchall()
-    assert len(rows) == 2 and all(row["n"] <= 4 for row in rows)
+        kept = db.execute("SELECT sessions.user_id, role, content FROM messages JOIN sessions "
+                          "ON sessions.id = messages.session_id ORDER BY messages.id").fetchall()
+    # README: "each session keeps exactly its newest max_history messages": 80 were
+    # written per session, 4 stay, not fewer (a trim that cut too much loses context)
+    assert [row["n"] for row in rows] == [max_history, max_history]
+    for user in ("alice", "bob"):
+        newest = [(row["role"], row["content"]) for row in kept if row["user_id"] == user]
+        assert newest == [("user", "hello 38"), ("assistant", replies[user, 38]),
+                          ("user", "hello 39"), ("assistant", replies[user, 39])], user
 
 
 def test_a_cut_off_reply_is_marked_and_logged(app_for, vault, receiver, caplog):
