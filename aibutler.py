@@ -77,6 +77,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 EXIT_CANNOT_LISTEN = 69  # the port is taken: the unit's RestartPreventExitStatus= lists it
 
 SECRET_NAME = "webhook_auth_secret"
+OUTBOUND_SECRET_NAME = "webhook_outbound_secret"  # callbacks' auth, when set (else SECRET_NAME)
+# Each channel's users are its own: a channel other than the webhook prefixes
+# its users' ids with its name and this, which no webhook user_id may contain.
+CHANNEL_USER = "\x1f"
 TWILIO_TOKEN_NAME = "twilio_auth_token"  # the Twilio account's Auth Token, in the vault
 USER_AGENT = "aibutler/" + __version__
 INSTALL_HINT = ("pip install falcon waitress  (or on Debian/Raspberry Pi OS: "
@@ -1082,6 +1086,7 @@ CONFIG_SCHEMA = {
         "shutdown_timeout": ("10s", parse_duration),
         "trusted_proxies": ("", parse_networks),
         "metrics_public": ("false", parse_bool),
+        "openapi_public": ("false", parse_bool),
         "log_level": ("info", parse_choice("debug", "info", "warning", "error")),
     },
     "channels": {
@@ -1582,7 +1587,9 @@ def old_journal_record(line):
 class Checkpointer:
     """Copies the WAL back into the database once a second when commits were
     made, from a connection of its own and without blocking writers (a
-    PASSIVE checkpoint), so the WAL stays small and no turn waits for it."""
+    PASSIVE checkpoint), so the WAL stays small and no turn waits for it.
+    While writes fail (a full disk), it tries a probe write instead, so an idle
+    daemon finds out that space was freed."""
 
     EVERY = 1.0  # seconds
 
@@ -1603,11 +1610,12 @@ class Checkpointer:
         try:
             done = self.store.commits()
             while not self._stop.wait(self.EVERY):
-                if self.store.commits() == done:
-                    continue
-                done = self.store.commits()
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if self.store.write_error is not None:  # does writing work again?
+                        self.store.probe()
+                    elif self.store.commits() != done:
+                        done = self.store.commits()
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:  # a full disk: the WAL waits, nothing is lost
                     log.warning("storage: checkpoint failed (%s); trying again in %gs",
                                 one_line(exc), self.EVERY)
@@ -1634,6 +1642,7 @@ class Store:
         # instead of sleeping in sqlite's busy handler (which costs milliseconds).
         self._write_lock = threading.Lock()
         self.write_error = None  # why the last write failed, until one succeeds
+        self._failed_at = -math.inf  # when a write last failed (time.monotonic())
         # Created here, not by sqlite: never through a link, 0600 whatever the
         # umask, and (when root runs the CLI) owned by the service user.
         for suffix in ("", "-shm"):
@@ -1648,10 +1657,13 @@ class Store:
         self.slow_disk = False
         self.parked = contextlib.nullcontext
         self._checkpoints = None  # the daemon's Checkpointer (the CLI's commits checkpoint)
+        self._pending = 0
         try:
             with self.connection() as db:
                 db.executescript(SCHEMA)
                 self._add_missing_columns(db)
+            if self._read_one("PRAGMA user_version")[0] < 1:
+                self._keep_channels_apart()
             self._pending = self._count_pending()
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -1670,6 +1682,27 @@ class Store:
             for name, kind in columns.items():
                 if name not in present:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+    def _keep_channels_apart(self):
+        """Version 0.1 kept every channel's users in one space (a webhook sender
+        could post as a texter and read their memories). A texter's sessions,
+        memories, keys, jobs and outbox entries move to their own ids (see
+        CHANNEL_USER): every user_id that a Twilio message came from is one."""
+        texter = "'twilio' || char(31) || user_id"
+        texters = "user_id IN (SELECT user_id FROM jobs WHERE channel='twilio')"
+        with self.transaction() as db:
+            for table in ("sessions", "memories", "idempotency"):
+                db.execute(f"UPDATE {table} SET user_id = {texter} WHERE {texters}")
+            for row in db.execute("SELECT seq, request FROM jobs WHERE channel='twilio'"
+                                  ).fetchall():
+                request = json.loads(row["request"])
+                request["reply_to"] = request.get("reply_to", request["user_id"])
+                request["user_id"] = "twilio" + CHANNEL_USER + request["reply_to"]
+                db.execute("UPDATE jobs SET request=? WHERE seq=?",
+                           (json.dumps(request), row["seq"]))
+            for table in ("jobs", "deliveries"):
+                db.execute(f"UPDATE {table} SET user_id = {texter} WHERE channel='twilio'")
+            db.execute("PRAGMA user_version = 1")
 
     BUSY_TIMEOUT_MS = 10000  # how long a write waits for another process (the CLI)
     SLOW_FSYNC = 0.002  # seconds: an fsync slower than this is a slow disk (SD card)
@@ -1743,7 +1776,7 @@ class Store:
                     self._fsync(self._wal)
                     self.slow_disk = time.monotonic() - started > self.SLOW_FSYNC
                 except OSError as exc:  # a 503 like any failed write, and /readyz says so
-                    self.write_error = storage_problem(exc)
+                    self._write_failed(exc)
                     raise sqlite3.OperationalError(f"{UNSYNCED} disk I/O error: {exc}") from None
                 finally:
                     self._synced.acquire()
@@ -1759,31 +1792,37 @@ class Store:
                 yield
             except sqlite3.Error as exc:
                 if is_storage_failure(exc):
-                    self.write_error = storage_problem(exc)
+                    self._write_failed(exc)
                 raise
             self.write_error = None
 
+    def _write_failed(self, exc):
+        self.write_error = storage_problem(exc)
+        self._failed_at = time.monotonic()
+
+    STORAGE_SETTLE = 3.0  # seconds without a failed write before writing counts as working
+
     def writable(self):
-        """True unless the last write failed and a probe write still fails. It
-        never waits (a probe must answer at once): while the database is busy,
-        the answer is "not yet"."""
-        if self.write_error is None:
-            return True
-        if not self._db_lock.acquire(blocking=False):
-            return False
+        """False from the first failed write until a write succeeds and none
+        fails for STORAGE_SETTLE seconds: on a disk that is nearly full, small
+        writes succeed between failing ones, and /readyz must not flap with
+        them. Never waits, never writes (a probe answers at once)."""
+        return (self.write_error is None
+                and time.monotonic() - self._failed_at >= self.STORAGE_SETTLE)
+
+    def probe(self):
+        """A write that changes nothing, to find out whether writing works
+        again (the Checkpointer, while the last write failed). Quietly False
+        while it does not."""
         try:
-            with self.connection() as db:
-                db.execute("PRAGMA busy_timeout=0")  # nor for another process (the CLI)
-                try:
-                    with contextlib.suppress(sqlite3.OperationalError, sqlite3.DatabaseError):
-                        with self.transaction() as tx:  # pages really written, then gone
-                            tx.execute("INSERT INTO seen_signatures VALUES ('probe', 'probe', 0)")
-                            tx.execute("DELETE FROM seen_signatures WHERE webhook_id='probe'")
-                finally:
-                    db.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
-        finally:
-            self._db_lock.release()
-        return self.write_error is None
+            with self.transaction() as db:  # pages really written, then gone
+                db.execute("INSERT INTO seen_signatures VALUES ('probe', 'probe', 0)")
+                db.execute("DELETE FROM seen_signatures WHERE webhook_id='probe'")
+        except sqlite3.Error as exc:
+            if not is_storage_failure(exc):
+                raise
+            return False
+        return True
 
     def checkpoint_in_background(self):
         """The daemon's turns never wait for a checkpoint (on an SD card it
@@ -2257,11 +2296,18 @@ class Metrics:
 
 
 def format_labels(labels):
+    """{key="value",...}: backslash, double quote and line feed escaped as the
+    Prometheus text format says; it has no escape for other control characters
+    (a CR would go out raw), so they become U+FFFD."""
     if not labels:
         return ""
-    escaped = (key + '="' + str(value).replace("\\", "\\\\").replace('"', '\\"')
-               .replace("\n", "\\n") + '"' for key, value in labels)
+    escaped = (key + '="' + LABEL_CONTROLS.sub("\ufffd", str(value).replace("\\", "\\\\")
+                                               .replace('"', '\\"').replace("\n", "\\n")) + '"'
+               for key, value in labels)
     return "{" + ",".join(escaped) + "}"
+
+
+LABEL_CONTROLS = re.compile("[\x00-\x1f\x7f]")
 
 
 # === Agent: model providers =================================================
@@ -3249,7 +3295,9 @@ class WorkerPool:
     'running' or 'sending' in sqlite; `rescue(held)` puts such items back in
     line after rescue_delay(), and again until a write succeeds."""
 
-    RESCUE_FIRST, RESCUE_MAX = 1.0, 60.0  # seconds; doubled while writes keep failing
+    # Seconds before stranded items go back in line, doubled while writes keep
+    # failing; at most RESCUE_MAX, so work resumes within seconds of space freed.
+    RESCUE_FIRST, RESCUE_MAX, RESCUE_DOUBLINGS = 1.0, 4.0, 2
     # Set by each kind of pool: its Store, its table and claim(hold) -> item or None.
     store = table = claim = None
 
@@ -3355,39 +3403,53 @@ class WorkerPool:
         return all(now - since < wedged_after for since in list(self._busy_since.values()))
 
     def _loop(self):
+        """Whatever fails in a round (a full disk, a bug), the thread logs it and
+        goes on, waiting rescue_delay() while rounds keep failing: a failing
+        write is tried again at the back-off, never in a tight loop."""
         me = threading.current_thread().name
         while not self._should_exit():
-            self._rescue_stranded()
+            did_work = False
             try:
-                self._busy_since[me] = time.monotonic()
-                did_work = self.work()
-                if did_work:
-                    self._failures_in_a_row = 0
-            except Exception as exc:  # keep the thread alive; the item stays in sqlite
+                did_work = self._round(me)
+            except Exception:  # noqa: BLE001 - even the error handling failed: log, go on
+                log.exception("%s: unexpected error", me)
                 self._failures_in_a_row += 1
-                if isinstance(exc, sqlite3.Error) and is_storage_failure(exc):
-                    log.error("%s: cannot write the database (%s); what it had in hand goes "
-                              "back in line in %gs", me, storage_problem(exc),
-                              self.rescue_delay())
-                else:
-                    log.exception("%s: unexpected error", me)
-                self._stranded_at = time.monotonic()
-                did_work = False
-            finally:
-                self._busy_since.pop(me, None)
-                self._holding.pop(me, None)
             if did_work and self._retire_spare():
                 return
             if not did_work:
                 if self._stopping.is_set():
                     break
-                self.wakeups.acquire(timeout=self.next_wait())
+                wait = self.rescue_delay() if self._failures_in_a_row else self.next_wait()
+                self.wakeups.acquire(timeout=wait)
+
+    def _round(self, me):
+        """Rescue what failed writes stranded, then claim and handle one item."""
+        self._rescue_stranded()
+        try:
+            self._busy_since[me] = time.monotonic()
+            did_work = self.work()
+            if did_work:
+                self._failures_in_a_row = 0
+            return did_work
+        except Exception as exc:  # keep the thread alive; the item stays in sqlite
+            self._failures_in_a_row += 1
+            self._stranded_at = time.monotonic()
+            if isinstance(exc, sqlite3.Error) and is_storage_failure(exc):
+                log.error("%s: cannot write the database (%s); what it had in hand goes "
+                          "back in line in %gs", me, storage_problem(exc), self.rescue_delay())
+            else:
+                log.exception("%s: unexpected error", me)
+            return False
+        finally:
+            self._busy_since.pop(me, None)
+            self._holding.pop(me, None)
 
     def rescue_delay(self):
         """1 s after a failure, doubling while items keep failing (each retry of a
-        turn is another model call), at most RESCUE_MAX."""
-        return min(self.RESCUE_FIRST * 2 ** max(0, self._failures_in_a_row - 1),
-                   self.RESCUE_MAX)
+        turn is another model call), at most RESCUE_MAX: capped before it is
+        computed, however long the failures go on."""
+        doublings = min(max(0, self._failures_in_a_row - 1), self.RESCUE_DOUBLINGS)
+        return min(self.RESCUE_FIRST * 2 ** doublings, self.RESCUE_MAX)
 
     def _rescue_stranded(self):
         failed_at = self._stranded_at
@@ -3694,18 +3756,34 @@ class Authenticator:
         return accepted_secrets(self.vault, self.settings.webhook.previous_secret_grace,
                                 now=self.clock())
 
+    def refuse_blocked(self, req):
+        """Before any costly work (reading and checking a signed form): 429 at
+        once while the client's address is blocked."""
+        with self._lock:
+            error = self._blocked_error(req, address_group(self.client_address(req)),
+                                        time.monotonic())
+        if error is not None:
+            raise error
+
+    def _blocked_error(self, req, client, now):
+        blocked_until = self._blocked.get(client, 0)
+        if blocked_until <= now:
+            return None
+        req.context.quiet = True  # a blocked client must not flood the journal
+        self.metrics.inc("aibutler_rate_limited_total", (("scope", "auth_failures"),))
+        return ApiError(429, "too many failed authentications from this address",
+                        retry_after=math.ceil(blocked_until - now))
+
     def failed(self, req, why):
         """Count a failed authentication; returns the error to raise: 401, or a
-        quiet 429 while the address is blocked."""
-        client = self.client_address(req)
+        quiet 429 while the address is blocked. Addresses are grouped as
+        address_group says: one IPv6 host owns a whole /64."""
+        client = address_group(self.client_address(req))
         now = time.monotonic()
         with self._lock:
-            blocked_until = self._blocked.get(client, 0)
-            if blocked_until > now:
-                req.context.quiet = True  # a blocked client must not flood the journal
-                self.metrics.inc("aibutler_rate_limited_total", (("scope", "auth_failures"),))
-                return ApiError(429, "too many failed authentications from this address",
-                                retry_after=math.ceil(blocked_until - now))
+            blocked = self._blocked_error(req, client, now)
+            if blocked is not None:
+                return blocked
             self.metrics.inc("aibutler_auth_failures_total")
             recent = [t for t in self._failures.get(client, ()) if now - t < self.FAILURE_WINDOW]
             recent.append(now)
@@ -3737,6 +3815,21 @@ class Authenticator:
         for table in (self._failures, self._blocked):  # all recent: the oldest go
             while len(table) > self.MAX_ADDRESSES:
                 del table[next(iter(table))]
+
+
+def address_group(address):
+    """The unit the per-address limits count: an IPv4 address, or an IPv6
+    address's /64 (one host, one home or one VPS is given a whole /64, so its
+    2**64 addresses are one client); an IPv4-mapped IPv6 address is its IPv4."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
 
 
 def ip_in(address, networks):
@@ -3798,6 +3891,8 @@ def validate_message(data):
         raise ApiError(422, "user_id is required: a non-empty string", field="user_id")
     if len(user_id) > USER_ID_MAX:
         raise ApiError(422, f"user_id is longer than {USER_ID_MAX} characters", field="user_id")
+    if has_control_characters(user_id):  # CHANNEL_USER: no other channel's user can be named
+        raise ApiError(422, "user_id must not contain control characters", field="user_id")
     if not isinstance(message, str) or not message.strip():
         raise ApiError(422, "message is required: a non-empty string", field="message")
     for field in ("user_id", "message", "metadata", "session_id", "attachments"):
@@ -3955,10 +4050,15 @@ class MetricsResource:
 
 class RequestLog:
     """One log line and one metrics sample per request; the message text is never
-    logged."""
+    logged. Metrics are labelled with the route's template (`/webhook/custom/
+    messages/{message_id}`), never the path sent: the series stay as many as the
+    routes and statuses, whatever arrives."""
+
+    PATH_LOGGED = 200  # characters of a request's path in its log line
 
     def __init__(self, metrics):
         self.metrics = metrics
+        self.templates = {}  # resource -> the route template it was added with
 
     def process_request(self, req, resp):
         req.context.started = time.monotonic()
@@ -3966,9 +4066,11 @@ class RequestLog:
     def process_response(self, req, resp, resource, req_succeeded):
         seconds = time.monotonic() - getattr(req.context, "started", time.monotonic())
         status = falcon.http_status_to_code(resp.status)
-        path = req.path if resource is not None else "(unmatched)"
+        path = self.templates.get(resource, "(unmatched)")
         if not getattr(req.context, "quiet", False):
-            log.info("%s %s %d %.1fms", req.method, req.path, status, seconds * 1000)
+            shown = req.path if len(req.path) <= self.PATH_LOGGED else (
+                req.path[:self.PATH_LOGGED] + f"...({len(req.path)} characters)")
+            log.info("%s %s %d %.1fms", req.method, shown, status, seconds * 1000)
         self.metrics.inc("aibutler_http_requests_total", (("path", path), ("status", str(status))))
         self.metrics.observe("aibutler_http_request_seconds", (("path", path),), seconds)
 
@@ -4114,9 +4216,12 @@ def openapi_document(settings, channels):
         "responses": responses({"200": answer("Prometheus text format 0.0.4", string,
                                               media="text/plain")},
                                *(() if settings.server.metrics_public else (401, 429)))}}
-    paths["/openapi.json"] = {"get": {"operationId": "openapi", "summary": "This document",
-                                      "responses": {"200": answer("OpenAPI 3.1",
-                                                                  {"type": "object"})}}}
+    public = settings.server.openapi_public
+    paths["/openapi.json"] = {"get": {
+        "operationId": "openapi", "summary": "This document",
+        "security": [] if public else [{"secret": []}],
+        "responses": responses({"200": answer("OpenAPI 3.1", {"type": "object"})},
+                               *(() if public else (401, 429)))}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "aibutler", "version": __version__,
@@ -4126,11 +4231,18 @@ def openapi_document(settings, channels):
 
 
 class OpenApiResource:
-    def __init__(self, settings, channels):
+    """The document names the routes, limits and headers a sender needs: for
+    callers with the secret, unless [server] openapi_public = true."""
+
+    def __init__(self, settings, auth, channels):
         self.settings = settings
+        self.auth = auth
         self.channels = channels
 
     def on_get(self, req, resp):
+        if not self.settings.server.openapi_public and self.auth.check(req) != "secret":
+            raise ApiError(401, "/openapi.json needs the X-Aibutler-Secret header "
+                                "(or [server] openapi_public = true)")
         resp.media = openapi_document(self.settings, self.channels)
 
 
@@ -4181,7 +4293,12 @@ def create_app(settings, http, metrics, readiness, channels):
     """The falcon app: each active channel's routes (Channel.routes, given
     `http`: the parts resources use), then the daemon's own."""
     load_web_stack()
-    app = falcon.App(middleware=[RequestLog(metrics)])
+    request_log = RequestLog(metrics)
+    app = falcon.App(middleware=[request_log])
+
+    def route(path, resource):
+        app.add_route(path, resource)
+        request_log.templates[resource] = path
     # falcon's default handler makes a JSON encoder for every answer; the same
     # text (ensure_ascii=False) from one made once.
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
@@ -4193,11 +4310,11 @@ def create_app(settings, http, metrics, readiness, channels):
     app.add_error_handler(ApiError, handle_api_error)
     for channel in channels:
         for path, resource in channel.routes(http):
-            app.add_route(path, resource)
-    app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(readiness))
-    app.add_route("/metrics", MetricsResource(settings, http.auth, metrics))
-    app.add_route("/openapi.json", OpenApiResource(settings, channels))
+            route(path, resource)
+    route("/healthz", HealthResource())
+    route("/readyz", ReadyResource(readiness))
+    route("/metrics", MetricsResource(settings, http.auth, metrics))
+    route("/openapi.json", OpenApiResource(settings, http.auth, channels))
     return app
 
 
@@ -4515,7 +4632,9 @@ class WebhookChannel(Channel):
 
     def headers(self, message_id, body):
         webhook = self.settings.webhook
-        secret = self.vault.get(SECRET_NAME) or ""
+        # A receiver of callbacks need not hold the secret that lets anyone post
+        # as any user: webhook_outbound_secret, when set, is used instead.
+        secret = self.vault.get(OUTBOUND_SECRET_NAME) or self.vault.get(SECRET_NAME) or ""
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                    "webhook-id": message_id}
         if webhook.auth_type == "bearer":
@@ -4622,7 +4741,7 @@ def twilio_reply_parts(result, error_reply):
 def twilio_outgoing(request, result, error_reply):
     """The outbox entry of a reply sent later through the Messages API: to
     the texter, from the number they wrote to, in parts, none sent yet."""
-    return {"message_id": result["message_id"], "to": request["user_id"],
+    return {"message_id": result["message_id"], "to": request["reply_to"],
             "from": request["metadata"]["to"], "parts": twilio_reply_parts(result, error_reply),
             "sent": 0}
 
@@ -4650,7 +4769,26 @@ class TwilioMessages:
         return http_post(url, body, headers, TWILIO_API_TIMEOUT)
 
 
+TWILIO_USERS = "twilio" + CHANNEL_USER  # a texter's user_id: history, memories, keys
+
 TWILIO_REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")  # in every message Twilio posts
+# Twilio's own posts are a few kB in well under a hundred fields; anything larger
+# is refused before it is parsed or signed (a 1 MiB form cost 250 ms of CPU).
+TWILIO_FORM_MAX_BYTES, TWILIO_FORM_MAX_FIELDS = 65536, 200
+# SIDs as Twilio documents them: two letters naming the kind, 32 hex digits. A
+# MessageSid is the idempotency key: a captured form re-split so that it
+# absorbs the next field (the signature joins names and values with nothing
+# between) is refused, not run again under a new key.
+TWILIO_SID_PATTERNS = {"MessageSid": "^(SM|MM)[0-9a-fA-F]{32}$",
+                       "SmsSid": "^(SM|MM)[0-9a-fA-F]{32}$",
+                       "SmsMessageSid": "^(SM|MM)[0-9a-fA-F]{32}$",
+                       "AccountSid": "^AC[0-9a-fA-F]{32}$",
+                       "MessagingServiceSid": "^MG[0-9a-fA-F]{32}$"}
+
+
+def twilio_form_too_large(limit):
+    return ApiError(413, f"the form is larger than {limit} bytes: not a message as Twilio "
+                         "posts it")
 TWILIO_LOCATION_FIELDS = ("FromCity", "FromState", "FromZip", "FromCountry")
 # Fields Twilio also posts; the signature covers them, nothing else reads them.
 TWILIO_SIGNED_ONLY_FIELDS = ("AccountSid", "MessagingServiceSid", "SmsSid", "SmsMessageSid",
@@ -4676,14 +4814,20 @@ class TwilioResource:
     def on_post(self, req, resp):
         if self.stopping.is_set():
             raise shutting_down()
-        limit = self.settings.server.max_body_bytes
+        self.auth.refuse_blocked(req)  # before reading, parsing and signing the form
+        limit = min(self.settings.server.max_body_bytes, TWILIO_FORM_MAX_BYTES)
         if req.content_length is not None and req.content_length > limit:
-            raise body_too_large(limit)
+            raise twilio_form_too_large(limit)
         media = (req.content_type or "").split(";")[0].strip().lower()
         if media != "application/x-www-form-urlencoded":
             raise ApiError(415, "send the form Twilio sends: "
                                 "Content-Type: application/x-www-form-urlencoded")
-        raw = read_body(req, limit)
+        raw = req.bounded_stream.read(limit + 1)
+        if len(raw) > limit:
+            raise twilio_form_too_large(limit)
+        if raw.count(b"&") >= TWILIO_FORM_MAX_FIELDS:
+            raise ApiError(413, f"the form has more than {TWILIO_FORM_MAX_FIELDS} fields: not "
+                                "a message as Twilio posts it")
         try:
             params = urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True,
                                             errors="strict")
@@ -4692,6 +4836,8 @@ class TwilioResource:
         self.verify(req, params)
         form = dict(params)
         request = validate_message(self.message(form))
+        request["reply_to"] = request["user_id"]  # the number; the model is not shown it
+        request["user_id"] = TWILIO_USERS + request["user_id"]
         self.limits.check(request["user_id"])
         twilio = self.settings.twilio
         # Twilio's 15 s run from its request, not from here: time spent queued,
@@ -4764,9 +4910,10 @@ class TwilioResource:
                            field="From")
         if not form["To"].strip():  # a reply sent later goes from it
             raise ApiError(422, "To is blank", field="To")
-        if not 0 < len(sid) <= IDEMPOTENCY_KEY_MAX:
-            raise ApiError(422, f"MessageSid must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
-                           field="MessageSid")
+        for name, pattern in TWILIO_SID_PATTERNS.items():
+            if name in form and not re.fullmatch(pattern, form[name]):
+                raise ApiError(422, f"{name} is not a Twilio SID (two letters and 32 hex "
+                                    f"digits: {pattern})", field=name)
         count = form.get("NumMedia", "0")
         if not (re.fullmatch(r"[0-9]{1,9}", count) and int(count) <= ATTACHMENTS_MAX):
             raise ApiError(422, f"NumMedia must be a number from 0 to {ATTACHMENTS_MAX}",
@@ -4807,7 +4954,7 @@ def twilio_openapi(settings):
 
     fields = {
         "MessageSid": field("the idempotency key: Twilio's retries of a message run one turn",
-                            minLength=1, maxLength=IDEMPOTENCY_KEY_MAX),
+                            pattern=TWILIO_SID_PATTERNS["MessageSid"]),
         "From": field("the sender, the user_id (+34600111222, whatsapp:+34600111222)",
                       minLength=1, maxLength=USER_ID_MAX, pattern=NOT_BLANK),
         "To": field("the number written to; a reply sent later goes from it",
@@ -4823,7 +4970,9 @@ def twilio_openapi(settings):
                                        pattern=ATTACHMENT_URL_PATTERN)
         fields[f"MediaContentType{i}"] = field(f"attachment {i}'s media type")
     for name in TWILIO_SIGNED_ONLY_FIELDS:
-        fields[name] = field("signed, otherwise unused")
+        fields[name] = field("signed, otherwise unused",
+                             **({"pattern": TWILIO_SID_PATTERNS[name]}
+                                if name in TWILIO_SID_PATTERNS else {}))
     form = {"type": "object", "required": list(TWILIO_REQUIRED_FIELDS), "properties": fields,
             "additionalProperties": string,
             "description": "Twilio's inbound message webhook. Twilio adds fields without "
@@ -4846,10 +4995,12 @@ def twilio_openapi(settings):
             "200": twiml_answer,
             "400": failure(400, "the body is not a UTF-8 form, or a required field is missing"),
             "403": failure(403, "missing or wrong X-Twilio-Signature"),
-            "413": failure(413, "the body is larger than [server] max_body_bytes"),
+            "413": failure(413, f"the form is larger than {TWILIO_FORM_MAX_BYTES} bytes (or "
+                                "[server] max_body_bytes), or has more than "
+                                f"{TWILIO_FORM_MAX_FIELDS} fields"),
             "415": failure(415, "the Content-Type is not application/x-www-form-urlencoded"),
-            "422": failure(422, "a field is invalid (`field` names it), or the MessageSid "
-                                "was used for another message"),
+            "422": failure(422, "a field is invalid (`field` names it; a SID not as Twilio "
+                                "makes them), or the MessageSid was used for another message"),
             "429": failure(429, "a rate limit ([limits]) was reached, or this address sent "
                                 "wrong signatures too often (Retry-After)", retry_after),
             "500": failure(500, "a bug; the daemon's log has the traceback"),
@@ -5575,13 +5726,13 @@ class LogFormatter(logging.Formatter):
 
 
 def printable(text):
-    """Control characters (newlines, ESC, DEL, C1, Unicode line breaks) as escapes."""
-    if text.isprintable():  # none of them is printable: most text needs no search
+    """Every character str.isprintable() refuses, as its escape: controls
+    (newlines, ESC, DEL, C1), Unicode line breaks, bidi overrides and other
+    format characters (U+202E, U+2066-U+2069, U+200B: category Cf), separators
+    other than the space, and unassigned ones. A log line shows what was sent."""
+    if text.isprintable():  # most text: no character to look at one by one
         return text
-    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
-
-
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def on_journal(env, stream):

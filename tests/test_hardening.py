@@ -440,7 +440,8 @@ def test_request_values_cannot_forge_log_lines_or_reach_the_terminal(daemon, rec
     d = daemon(f"[channels.webhook]\noutbound_url = {callbacks.url}\n").start()
     http_request(d.url + "/nope%0a2026-01-01%2000:00:00,000%20ERROR%20aibutler:%20FORGED"
                  "%1b[2J", None, {}, "GET")
-    d.post({"user_id": "evil\x1b[31m\nFORGED line\tcolumn", "message": "hi"})
+    assert d.post({"user_id": "evil\x1b[31m\nFORGED", "message": "hi"})[0] == 422
+    d.post({"user_id": "evil\u202eFORGED\u2066line\u200bcolumn", "message": "hi"})
     d.wait_log("FAILED for good")
     listing = d.cli("deliveries", "list").stdout
     assert d.stop() == 0
@@ -448,8 +449,9 @@ def test_request_values_cannot_forge_log_lines_or_reach_the_terminal(daemon, rec
                    for line in d.log.splitlines())
     assert "\x1b" not in d.log and "nope\\n2026-01-01" in d.log and "\\x1b[2J" in d.log
     assert "\x1b" not in listing and len(listing.strip().splitlines()) == 1
-    assert "evil\\x1b[31m\\nFORGED line\\tcolumn" in listing
-    assert len(listing.strip().split("\t")) == 6  # a tab in a field cannot add a column
+    assert "evil\\u202eFORGED\\u2066line\\u200bcolumn" in listing  # bidi, invisible: shown
+    assert not any(c in listing + d.log for c in "\u202e\u2066\u200b")
+    assert len(listing.strip().split("\t")) == 6
 
 
 # --- config that fails late ---------------------------------------------------------------
@@ -512,7 +514,7 @@ def test_journal_lines_carry_syslog_priorities_and_no_timestamps(daemon, tmp_pat
                for line in lines)
     assert any(line.startswith("<4>WARNING aibutler: auth: rejected") for line in lines)
     assert any(re.fullmatch(r"<6>INFO aibutler: POST /webhook/custom 401 \d+\.\dms", line)
-               for line in lines)  # a request's line, made without a LogRecord
+               for line in lines)  # a request's line
     assert all(re.match(r"<[3467]>", line) for line in lines), lines
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in lines)
     # a fatal error before logging is set up is an error in the journal too
@@ -525,7 +527,8 @@ def test_journal_lines_carry_syslog_priorities_and_no_timestamps(daemon, tmp_pat
     # an inherited JOURNAL_STREAM that is not our stderr changes nothing
     d.env["JOURNAL_STREAM"] = "1:1"
     d.start()
-    http_request(d.url + "/openapi.json", None, {}, "GET")
+    http_request(d.url + "/openapi.json", None,
+                 {"X-Aibutler-Secret": d.vault.get("webhook_auth_secret")}, "GET")
     assert d.stop() == 0
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING)", d.log_lines[0])
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO aibutler: "

@@ -85,7 +85,8 @@ def assert_fits(document, path, method, status, body):
 def test_the_running_daemon_publishes_its_contract_and_keeps_it(daemon):
     d = daemon("[limits]\nrate = 0\nuser_rate = 0\n[channels.webhook]\nmax_wait = 7s\n").start()
     try:
-        status, headers, document = d.get("/openapi.json")
+        assert d.get("/openapi.json")[0] == 401  # for callers with the secret
+        status, headers, document = d.get("/openapi.json", {"X-Aibutler-Secret": d.secret})
         assert status == 200 and headers["Content-Type"].startswith("application/json")
         assert document["openapi"].startswith("3.1.")
         assert document["info"]["version"] == aibutler.__version__
@@ -210,7 +211,7 @@ def test_every_route_of_the_app_is_described_and_nothing_else(app_for):
                      {"channels": {"active": ""}}, twilio, dict(twilio, channels={
                          "active": "twilio"})):
         client = app_for(**sections)
-        document = client.simulate_get("/openapi.json").json
+        document = client.simulate_get("/openapi.json", headers=auth()).json
         routes = app_routes(client.app)
         described = {path: set(item) for path, item in document["paths"].items()}
         assert described == routes, sections
@@ -228,7 +229,7 @@ def test_every_route_of_the_app_is_described_and_nothing_else(app_for):
 
 def test_the_attachment_url_rule_is_the_published_one(app_for):
     client = app_for()
-    pattern = client.simulate_get("/openapi.json").json[
+    pattern = client.simulate_get("/openapi.json", headers=auth()).json[
         "components"]["schemas"]["Attachment"]["properties"]["url"]["pattern"]
     for url, ok in (("https://example.com/a.jpg", True), ("HTTP://h:65535/?q#f", True),
                     ("http://h/é", True), ("http://h:65536/", False), (" http://h/", False),
@@ -266,9 +267,9 @@ def test_a_new_channel_is_a_class_its_config_keys_and_one_line_of_wiring(app_for
     monkeypatch.setattr(aibutler, "CHANNELS", aibutler.CHANNELS + (SmsChannel,))
     client = app_for(channels={"active": "webhook, sms"})
     client.butler.start()
-    document = client.simulate_get("/openapi.json").json
+    document = client.simulate_get("/openapi.json", headers=auth()).json
     assert "/sms" in document["paths"] and "/webhook/custom" in document["paths"]
     answer = client.simulate_post("/sms", json={"text": "what is 6 * 7?"},
                                   headers={"X-From": "+15550001111"})
     assert (answer.status_code, answer.json["reply"]) == (200, "6 * 7 = 42")
-    assert "/sms" not in app_for().simulate_get("/openapi.json").json["paths"]  # not active
+    assert "/sms" not in app_for().simulate_get("/openapi.json", headers=auth()).json["paths"]  # not active

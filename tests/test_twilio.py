@@ -155,13 +155,13 @@ def test_the_signature_is_checked_against_the_url_twilio_called(daemon):
     public = "https://butler.example.com" + PATH
     assert post(d, sms(), signed_url=public, headers=proxied)[0] == 403
     reload(d, twilio_config(extra="[server]\ntrusted_proxies = 127.0.0.1\n"), 1)
-    assert messages(post(d, sms(sid="SM2"), signed_url=public, headers=proxied))
-    assert messages(post(d, sms(sid="SM3")))  # no forwarded headers: the request's own URL
+    assert messages(post(d, sms(sid="SM2" + "0" * 31), signed_url=public, headers=proxied))
+    assert messages(post(d, sms(sid="SM3" + "0" * 31)))  # no forwarded headers: the request's own URL
 
     # public_url, when set, is the URL checked, whatever the request says
     reload(d, twilio_config(twilio=f"public_url = {public}\n"), 2)
-    assert messages(post(d, sms(sid="SM4"), signed_url=public))
-    assert post(d, sms(sid="SM5"))[0] == 403
+    assert messages(post(d, sms(sid="SM4" + "0" * 31), signed_url=public))
+    assert post(d, sms(sid="SM5" + "0" * 31))[0] == 403
 
 
 def test_a_quick_reply_is_twiml_escaped_and_the_model_sees_media_and_metadata(
