@@ -1081,9 +1081,14 @@ CONFIG_SCHEMA = {
         "max_body_bytes": ("1048576", parse_positive_int),
         "connection_limit": ("500", parse_int_between(1, 10000)),
         "client_connection_limit": ("20", parse_int_between(0, 10000)),
+        "idle_connection_limit": ("200", parse_int_between(1, 10000)),
         "header_timeout": ("10s", parse_positive_duration),
+        "request_timeout": ("30s", parse_positive_duration),
         "channel_timeout": ("60s", parse_positive_duration),
         "shutdown_timeout": ("10s", parse_duration),
+        "max_waiting": ("200", parse_int_between(0, 10000)),
+        "max_waiting_per_address": ("20", parse_int_between(0, 10000)),
+        "max_waiting_per_user": ("4", parse_int_between(0, 10000)),
         "trusted_proxies": ("", parse_networks),
         "metrics_public": ("false", parse_bool),
         "openapi_public": ("false", parse_bool),
@@ -2876,7 +2881,7 @@ class Agent:
 #
 # The daemon's locks, outermost first: a thread holding one takes only locks
 # listed after it (and logging's handler lock, taken by every log line).
-#   Handover._changed      a result handed to its waiting request; Store.finish_job
+#   Handover._lock         a result handed to its waiting request; Store.finish_job
 #                          runs inside it (never the reverse: see Inbox.accept)
 #   WorkerPool._rescue_lock  one rescue of stranded items at a time; Store.requeue inside
 #   Store._db_lock         the one sqlite connection (re-entrant: a transaction reads)
@@ -2884,8 +2889,9 @@ class Agent:
 #                          IMMEDIATE, shared with the CLI) is taken inside it
 #   Authenticator._lock    failing addresses; Metrics._lock inside
 #   Store._synced, TurnGate._lock, Inbox._finished, WorkerPool._threads_lock,
-#   RequestThreads._lock (waitress's dispatcher lock inside), RateLimiter._lock,
-#   WeatherTool._lock, Daemon._inflight_lock, Metrics._lock: each taken alone.
+#   WaitLimits._lock, RequestThreads._lock (waitress's dispatcher lock inside),
+#   RateLimiter._lock, WeatherTool._lock, Daemon._inflight_lock, Metrics._lock:
+#   each taken alone.
 # Store._synced is taken after the transaction's locks are let go, so no thread
 # waits for the disk while another waits for the connection. The Checkpointer
 # has a connection of its own and takes none of these.
@@ -3037,77 +3043,92 @@ class Handover:
     (Prefer: wait, Twilio's reply_wait) and pollers waiting for it to be done
     (GET .../messages/{id}?wait=N). A turn worker stores the result under the
     same lock as it hands it over: a reply that went out in a 200 is never also
-    sent as a callback, and one whose sender stopped waiting always is."""
+    sent as a callback, and one whose sender stopped waiting always is. A
+    finished turn wakes the waiters of its own message only."""
 
     def __init__(self):
-        self._changed = threading.Condition()
-        self._takers = {}  # message_id -> [] until the result is put in it
-        self._finished = 0  # results stored so far (pollers wait for a change)
-        self._released = False  # stopping: nobody waits any more
+        self._lock = threading.Lock()
+        self._takers = {}  # message_id -> (Event, [result]) until its sender stops waiting
+        self._watchers = collections.defaultdict(set)  # message_id -> pollers' Events
+        self._released = threading.Event()  # stopping: nobody waits any more
         self.waiting = 0  # requests waiting here now (a gauge in /metrics)
 
     def release(self):
         """The daemon stops: waiting senders answer now (202, or the status as it is)."""
-        with self._changed:
-            self._released = True
-            self._changed.notify_all()
+        with self._lock:
+            self._released.set()
+            for done, _ in self._takers.values():
+                done.set()
+            for events in self._watchers.values():
+                for event in events:
+                    event.set()
 
     def expect(self, message_id):
         """Before the message is committed: its result will be waited for."""
-        with self._changed:
-            self._takers[message_id] = []
+        with self._lock:
+            self._takers[message_id] = (threading.Event(), [])
 
     def take(self, message_id, seconds):
         """The result of an expected message if it comes within `seconds`, else
         None (and from then on it goes where it would have gone anyway)."""
-        deadline = time.monotonic() + seconds
-        with self._changed:
-            slot = self._takers.get(message_id)
-            self.waiting += 1
-            while (slot is not None and not slot and self._takers.get(message_id) is slot
-                   and not self._released):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-            self.waiting -= 1
-            if slot is not None and self._takers.get(message_id) is slot:
-                self._takers.pop(message_id)
-            return slot[0] if slot else None
+        slot = self._takers.get(message_id)
+        if slot is None:
+            return None
+        self._waited(+1)
+        try:
+            if not self._released.is_set():
+                slot[0].wait(seconds)
+        finally:
+            self._waited(-1)
+        with self._lock:
+            if self._takers.get(message_id) is slot:
+                del self._takers[message_id]
+            return slot[1][0] if slot[1] else None
 
     def forget(self, message_id):
         """Nobody takes this message's result (a waiter stops waiting at once)."""
-        with self._changed:
-            if self._takers.pop(message_id, None) is not None:
-                self._changed.notify_all()
+        with self._lock:
+            slot = self._takers.pop(message_id, None)
+        if slot is not None:
+            slot[0].set()
 
     def finish(self, message_id, body, store):
         """store(taken) keeps the result, with its delivery unless a sender took it."""
-        with self._changed:
+        with self._lock:
             # left in place: a quick turn may finish before its sender calls take()
             slot = self._takers.get(message_id)
             store(slot is not None)
             if slot is not None:
-                slot.append(body)
-            self._finished += 1
-            self._changed.notify_all()
+                slot[1].append(body)
+                slot[0].set()
+            for event in self._watchers.get(message_id, ()):
+                event.set()
 
-    def watch(self, done, seconds):
-        """Wait until done() (a look at the store) or `seconds` pass."""
+    def watch(self, message_id, done, seconds):
+        """Wait until done() (a look at the store) or `seconds` pass; woken only
+        when this message's turn finishes."""
         deadline = time.monotonic() + seconds
-        while True:
-            with self._changed:
-                seen = self._finished
-            if done():
-                return True
-            with self._changed:
+        event = threading.Event()
+        with self._lock:
+            self._watchers[message_id].add(event)
+        self._waited(+1)
+        try:
+            while not done():
                 left = deadline - time.monotonic()
-                if left <= 0 or self._released:
+                if left <= 0 or self._released.is_set() or not event.wait(left):
                     return False
-                if self._finished == seen:
-                    self.waiting += 1
-                    self._changed.wait(left)
-                    self.waiting -= 1
+                event.clear()
+            return True
+        finally:
+            self._waited(-1)
+            with self._lock:
+                self._watchers[message_id].discard(event)
+                if not self._watchers[message_id]:
+                    del self._watchers[message_id]
+
+    def _waited(self, change):
+        with self._lock:
+            self.waiting += change
 
 
 class Inbox:
@@ -3969,6 +3990,53 @@ def is_json_media_type(content_type):
                                            and media.endswith("+json"))
 
 
+class WaitLimits:
+    """How many requests may wait for a reply at once ([server] max_waiting,
+    max_waiting_per_address, max_waiting_per_user): Prefer: wait, reply_wait,
+    long polls of a message's status and Twilio's reply_wait each hold a
+    connection and a thread. A request over a bound waits not at all: it is
+    answered at once (202, or the status as it is), and its Aibutler-Wait-
+    Limited header names the bound."""
+
+    HEADER = "Aibutler-Wait-Limited"
+
+    def __init__(self, settings, metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._total = 0
+        self._addresses = collections.Counter()
+        self._users = collections.Counter()
+
+    @contextlib.contextmanager
+    def slot(self, user_id, address):
+        """Inside: None while this request may wait, else the bound it is over."""
+        server = self.settings.server
+        with self._lock:
+            over = ("max_waiting" if self._total >= server.max_waiting else
+                    "max_waiting_per_address"
+                    if self._addresses[address] >= server.max_waiting_per_address else
+                    "max_waiting_per_user" if self._users[user_id] >= server.max_waiting_per_user
+                    else None)
+            if over is None:
+                self._count(user_id, address, +1)
+        if over is not None:
+            self.metrics.inc("aibutler_rate_limited_total", (("scope", over),))
+        try:
+            yield over
+        finally:
+            if over is None:
+                with self._lock:
+                    self._count(user_id, address, -1)
+
+    def _count(self, user_id, address, change):
+        self._total += change
+        for counter, key in ((self._addresses, address), (self._users, user_id)):
+            counter[key] += change
+            if not counter[key]:
+                del counter[key]
+
+
 class Limits:
     """[limits] as token buckets: one for the whole channel, one per user_id.
     Buckets are rebuilt when a reload changes the rates."""
@@ -4324,12 +4392,13 @@ class WebhookResource:
     """POST /webhook/custom: authenticate, bound, parse, validate, limit, then run
     the turn (sync) or queue it (async)."""
 
-    def __init__(self, settings, auth, limits, inbox, stopping):
+    def __init__(self, settings, auth, limits, inbox, stopping, waits):
         self.settings = settings
         self.auth = auth
         self.limits = limits
         self.inbox = inbox
         self.stopping = stopping  # an Event set once the daemon stops
+        self.waits = waits
 
     def on_post(self, req, resp):
         if self.stopping.is_set():
@@ -4364,8 +4433,14 @@ class WebhookResource:
         else:
             wait = 0
         if respond_async or asked_to_wait or wait or self.settings.async_mode:
-            status, body, replayed = self.inbox.accept(request, key, wait=wait,
-                                                       status_path=self.status_path)
+            address = address_group(self.auth.client_address(req))
+            with self.waits.slot(request["user_id"], address) if wait else \
+                    contextlib.nullcontext() as over:
+                if over:  # answered at once, and told why it did not wait
+                    wait, applied = 0, [a for a in applied if not a.startswith("wait=")]
+                    resp.set_header(WaitLimits.HEADER, over)
+                status, body, replayed = self.inbox.accept(request, key, wait=wait,
+                                                           status_path=self.status_path)
         else:
             status, body, replayed = self.inbox.run_sync(request, key)
         resp.status = status
@@ -4405,13 +4480,14 @@ class MessageResource:
     reply once done, and its callback's delivery. ?wait=N answers as soon as it
     is done, or after N seconds (at most [channels.webhook] max_wait)."""
 
-    def __init__(self, settings, auth, store, handover, gate, channel):
+    def __init__(self, settings, auth, store, handover, gate, channel, waits):
         self.settings = settings
         self.auth = auth
         self.store = store
         self.handover = handover
         self.gate = gate
         self.channel = channel  # its messages only: not another channel's (a texter's)
+        self.waits = waits
 
     def on_get(self, req, resp, message_id):
         if self.auth.check(req) == "signature":
@@ -4426,8 +4502,13 @@ class MessageResource:
             raise ApiError(404, f"no message {message_id!r}: unknown, or its result was "
                                 "pruned ([delivery] idempotency_ttl)")
         if wait and job["state"] != "done":
-            with self.gate.parked():
-                self.handover.watch(lambda: self._done(message_id), wait)
+            address = address_group(self.auth.client_address(req))
+            with self.waits.slot(job["user_id"], address) as over:
+                if over:
+                    resp.set_header(WaitLimits.HEADER, over)
+                else:
+                    with self.gate.parked():
+                        self.handover.watch(message_id, lambda: self._done(message_id), wait)
             job, delivery = self.store.message(message_id)
             if job is None:  # pruned meanwhile
                 raise ApiError(404, f"no message {message_id!r}: its result was pruned")
@@ -4610,10 +4691,10 @@ class WebhookChannel(Channel):
     def routes(self, http):
         path = self.settings.webhook.path
         return [(path, WebhookResource(self.settings, http.auth, http.limits, http.inbox,
-                                       http.stopping)),
+                                       http.stopping, http.waits)),
                 (path + "/messages/{message_id}",
                  MessageResource(self.settings, http.auth, http.store, http.handover,
-                                 http.gate, self.name))]
+                                 http.gate, self.name, http.waits))]
 
     def openapi(self):
         return webhook_openapi(self.settings)
@@ -4803,13 +4884,14 @@ class TwilioResource:
     answers at once and the reply follows through the Messages API (outbox).
     MessageSid is the idempotency key: Twilio's retries never run a turn twice."""
 
-    def __init__(self, settings, auth, vault, limits, inbox, stopping):
+    def __init__(self, settings, auth, vault, limits, inbox, stopping, waits):
         self.settings = settings
         self.auth = auth
         self.vault = vault
         self.limits = limits
         self.inbox = inbox
         self.stopping = stopping
+        self.waits = waits
 
     def on_post(self, req, resp):
         if self.stopping.is_set():
@@ -4843,10 +4925,13 @@ class TwilioResource:
         # Twilio's 15 s run from its request, not from here: time spent queued,
         # reading and committing counts against reply_wait.
         spent = time.monotonic() - getattr(req.context, "started", time.monotonic())
-        status, body, replayed = self.inbox.accept(request, form["MessageSid"],
-                                                   wait=max(0.0, twilio.reply_wait - spent),
-                                                   channel="twilio",
-                                                   key_field="MessageSid")
+        address = address_group(self.auth.client_address(req))
+        with self.waits.slot(request["user_id"], address) as over:
+            if over:  # the reply goes through the Messages API
+                resp.set_header(WaitLimits.HEADER, over)
+            status, body, replayed = self.inbox.accept(
+                request, form["MessageSid"], channel="twilio", key_field="MessageSid",
+                wait=0.0 if over else max(0.0, twilio.reply_wait - spent))
         if status == 200:
             texts = twilio_reply_parts(body, twilio.error_reply)
         elif status == 202:  # the reply comes through the Messages API (or came already)
@@ -5031,7 +5116,7 @@ class TwilioChannel(Channel):
     def routes(self, http):
         return [(self.settings.twilio.path,
                  TwilioResource(self.settings, http.auth, self.vault, http.limits, http.inbox,
-                                http.stopping))]
+                                http.stopping, http.waits))]
 
     def openapi(self):
         return twilio_openapi(self.settings)
@@ -5101,6 +5186,7 @@ class Butler:
         self.inbox = Inbox(settings, store, self.agent, self.gate, self.workers, self.handover)
         self.auth = Authenticator(settings, vault, store, metrics)
         self.limits = Limits(settings, metrics)
+        self.waits = WaitLimits(settings, metrics)
         metrics.gauge("aibutler_queue_depth", store.pending_jobs)
         metrics.gauge("aibutler_auth_tracked_addresses", self.auth.tracked_addresses)
         metrics.gauge("aibutler_deliveries_pending",
@@ -5118,7 +5204,7 @@ class Butler:
     def app(self):
         http = types.SimpleNamespace(  # what the channels' resources are built from
             auth=self.auth, limits=self.limits, inbox=self.inbox, stopping=self.stopping,
-            store=self.store, handover=self.handover, gate=self.gate)
+            store=self.store, handover=self.handover, gate=self.gate, waits=self.waits)
         return create_app(self.settings, http, self.metrics, self.readiness,
                           self.active_channels())
 
@@ -5292,7 +5378,8 @@ WAITRESS_INTERNALS = {
     "server.asyncore": ("loop", "dispatcher"),
     "server.task_dispatcher": ("set_thread_count", "threads", "stop_count", "shutdown"),
     "channel": ("requests", "request", "will_close", "addr", "total_outbufs_len",
-                "outbuf_lock", "writable"),
+                "outbuf_lock", "writable", "write_soon", "close_when_flushed",
+                "last_activity", "handle_close"),
     "channel.request": ("headers_finished",),
 }
 
@@ -5525,6 +5612,8 @@ def quiet_channel_class(channel_class):
     when it leaves output behind (waitress pulls its trigger), so the loop need
     not ask meanwhile."""
     class QuietChannel(channel_class):
+        client = ""  # the client it is counted under (ConnectionGuard.admit)
+
         def writable(self):
             if self.requests and self.total_outbufs_len and not self.will_close:
                 if not self.outbuf_lock.acquire(blocking=False):
@@ -5535,14 +5624,17 @@ def quiet_channel_class(channel_class):
 
 
 class ConnectionGuard:
-    """What waitress lacks against slow or greedy clients, so that one address
-    cannot take the service down: at most [server] client_connection_limit
-    connections per client address that are not waiting for an answer (sending
-    headers slowly, or idle; trusted proxies exempt), and [server]
-    header_timeout to send a request's headers (waitress's channel_timeout only
-    counts silence, which a client trickling a byte every few seconds never
-    keeps). Runs in waitress's loop thread, the only one that touches channels;
-    it reads waitress internals too (see Daemon)."""
+    """What waitress lacks against slow, wide or greedy clients, so that none
+    can take the service down. Connections not waiting for an answer (sending
+    a request, or idle between requests) are bounded: at most [server]
+    client_connection_limit per client (an IPv4 address, an IPv6 /64; trusted
+    proxies exempt), and at most idle_connection_limit in all, past which a new
+    connection closes the quietest one, so probes and senders always get in.
+    A request's headers must arrive within header_timeout and the whole request
+    within request_timeout, else 408 and the connection closes (waitress's
+    channel_timeout only counts silence, which a client trickling a byte every
+    few seconds never keeps). Runs in waitress's loop thread, the only one that
+    touches channels; WAITRESS_INTERNALS lists what it reads and calls."""
 
     SWEEP_EVERY = 1.0  # seconds between looks at half-received requests
     WARN_EVERY = 60.0  # seconds between log lines about refused connections
@@ -5557,37 +5649,59 @@ class ConnectionGuard:
 
     def admit(self, server, conn, addr, adj, map=None):
         host = addr[0] if isinstance(addr, tuple) else ""
+        group = address_group(host)
         settings = self.settings()
+        idle = [channel for channel in list(server._map.values())
+                if isinstance(channel, self._channel_class) and not channel.requests]
         limit = settings.client_connection_limit
         if limit and host and not ip_in(host, settings.trusted_proxies):
-            open_now = sum(1 for channel in list(server._map.values())
-                           if isinstance(channel, self._channel_class)
-                           and channel.addr[0] == host and not channel.requests)
+            open_now = sum(1 for channel in idle if channel.client == group)
             if open_now >= limit:
                 conn.close()
-                self._warn("greedy", f"refused a connection from {host}: it has {open_now} open "
-                           "([server] client_connection_limit)")
+                self._warn("greedy", f"refused a connection from {group}: it has {open_now} "
+                           "open ([server] client_connection_limit)")
                 return None
-        return self._channel_class(server, conn, addr, adj, map=map)
+        if len(idle) >= settings.idle_connection_limit:
+            quietest = min(idle, key=lambda channel: channel.last_activity)
+            quietest.handle_close()
+            self._warn("crowded", f"{len(idle)} connections were not waiting for an answer; "
+                       f"closed the quietest, from {quietest.client} "
+                       "([server] idle_connection_limit)")
+        channel = self._channel_class(server, conn, addr, adj, map=map)
+        channel.client = group
+        return channel
 
     def sweep(self, now):
-        timeout = self.settings().header_timeout
+        settings = self.settings()
         seen = {}
         for channel in list(self.server._map.values()):
             request = getattr(channel, "request", None)
-            if request is None or request.headers_finished:
+            if request is None or channel.close_when_flushed:
                 continue
             parser, since = self._seen.get(channel, (request, now))
             if parser is not request:
                 since = now
-            if now - since > timeout:
-                channel.will_close = True
-                self._warn("slow", f"closed a connection from {channel.addr[0]} that took over "
-                           f"{timeout:g}s to send its headers "
-                           "([server] header_timeout)")
+            if not request.headers_finished and now - since > settings.header_timeout:
+                self._time_out(channel, f"the request's headers took over "
+                                        f"{settings.header_timeout:g}s ([server] header_timeout)")
+            elif now - since > settings.request_timeout:
+                self._time_out(channel, f"the request took over {settings.request_timeout:g}s "
+                                        "to arrive ([server] request_timeout)")
             else:
                 seen[channel] = (request, since)
         self._seen = seen
+
+    def _time_out(self, channel, why):
+        """408 in the one error shape, then the connection closes."""
+        body = json.dumps({"error": error_dict(408, why)}).encode()
+        head = (f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            channel.write_soon(head + body)
+            channel.close_when_flushed = True
+        except Exception:  # noqa: BLE001 - gone already (ClientDisconnected): just close
+            channel.will_close = True
+        self._warn("slow", f"closed a connection from {getattr(channel, 'client', '?')}: {why}")
 
     def _warn(self, kind, message):
         now = time.monotonic()

@@ -416,13 +416,17 @@ def test_slow_header_connections_from_one_address_cannot_take_the_service_down(d
             time.sleep(0.1)
         assert slowest < 1.0
 
-        def closed(sock):
+        answers = {}
+
+        def closed(sock):  # told 408 (or never let in), then closed
             try:
-                return sock.recv(1) == b""
+                data = sock.recv(4096)
             except socket.timeout:
                 return False
             except OSError:
                 return True
+            answers[sock] = answers.get(sock, b"") + data
+            return data == b""
         # every trickler is gone by the header deadline (or was never let in)
         eventually(lambda: all(closed(sock) for sock in attackers), timeout=10)
     finally:
@@ -431,6 +435,9 @@ def test_slow_header_connections_from_one_address_cannot_take_the_service_down(d
             sock.close()
     assert d.stop() == 0
     assert "client_connection_limit" in d.log and "header_timeout" in d.log
+    told = [a for a in answers.values() if a]
+    assert told and all(a.startswith(b"HTTP/1.1 408 ") and b'"status": 408' in a and
+                        b"[server] header_timeout" in a for a in told)
 
 
 # --- logs and terminal output -----------------------------------------------------------
