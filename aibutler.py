@@ -4102,6 +4102,18 @@ class ReadyResource:
         resp.media = {"status": "ready" if ready else "not ready", "checks": checks}
 
 
+def require_secret(auth, req, public_setting):
+    """A GET for the operator: the secret itself (a signature signs no body here)."""
+    try:
+        if auth.check(req) == "secret":
+            return
+    except ApiError as exc:
+        if exc.status != 401:
+            raise  # 429: the address is blocked
+    raise ApiError(401, f"{req.path} needs the X-Aibutler-Secret header (or [server] "
+                        f"{public_setting} = true)")
+
+
 class MetricsResource:
     def __init__(self, settings, auth, metrics):
         self.settings = settings
@@ -4109,9 +4121,8 @@ class MetricsResource:
         self.metrics = metrics
 
     def on_get(self, req, resp):
-        if not self.settings.server.metrics_public and self.auth.check(req) != "secret":
-            raise ApiError(401, "/metrics needs the X-Aibutler-Secret header "
-                                "(or [server] metrics_public = true)")
+        if not self.settings.server.metrics_public:
+            require_secret(self.auth, req, "metrics_public")
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
         resp.text = self.metrics.render()
 
@@ -4200,6 +4211,7 @@ ERROR_MEANINGS = {
     401: "missing or wrong X-Aibutler-Secret, or a bad Standard Webhooks signature",
     404: "no such message (unknown, or pruned after [delivery] idempotency_ttl), or "
          "session_id names no session of this user_id",
+    408: "the request did not arrive within [server] header_timeout or request_timeout",
     409: "a request with this Idempotency-Key is still being processed (Retry-After)",
     413: "the body is larger than [server] max_body_bytes",
     415: "the Content-Type is not application/json (or application/*+json)",
@@ -4217,6 +4229,9 @@ RETRY_AFTER_STATUSES = (409, 429, 503)
 
 
 OPENAPI_STRING = {"type": "string"}
+OPENAPI_WAIT_LIMITED = {WaitLimits.HEADER: {
+    "description": "the request did not wait for the reply: this bound ([server]) was reached",
+    "schema": {"enum": ["max_waiting", "max_waiting_per_address", "max_waiting_per_user"]}}}
 OPENAPI_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
                                        "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 OPENAPI_ERROR = {"type": "object", "required": ["error"], "additionalProperties": False,
@@ -4308,9 +4323,8 @@ class OpenApiResource:
         self.channels = channels
 
     def on_get(self, req, resp):
-        if not self.settings.server.openapi_public and self.auth.check(req) != "secret":
-            raise ApiError(401, "/openapi.json needs the X-Aibutler-Secret header "
-                                "(or [server] openapi_public = true)")
+        if not self.settings.server.openapi_public:
+            require_secret(self.auth, req, "openapi_public")
         resp.media = openapi_document(self.settings, self.channels)
 
 
@@ -4609,8 +4623,9 @@ def webhook_openapi(settings):
          "properties": {"type": {"const": "notification"}, "session_id": string,
                         "in_reply_to": string, "message_id": string, "message": string}}]}
     secured = [{"secret": []}, {"signature": []}]
-    replay_headers = {"Preference-Applied": {"schema": string},
-                      "Idempotent-Replayed": {"schema": {"const": "true"}}}
+    replay_headers = dict(OPENAPI_WAIT_LIMITED, **{
+        "Preference-Applied": {"schema": string},
+        "Idempotent-Replayed": {"schema": {"const": "true"}}})
     optional_header = lambda name, schema, text: {  # noqa: E731
         "name": name, "in": "header", "required": False, "schema": schema, "description": text}
     post = {
@@ -4634,7 +4649,7 @@ def webhook_openapi(settings):
                                dict(replay_headers, Location={"schema": string})),
                         links={"status": {"operationId": "getMessage", "parameters": {
                             "message_id": "$response.body#/message_id"}}})},
-            400, 401, 404, 409, 413, 415, 422, 429, 502, 503, 504),
+            400, 401, 404, 408, 409, 413, 415, 422, 429, 502, 503, 504),
         "callbacks": {"reply": {"{$outbound_url}": {"post": {
             "summary": "The reply, POSTed to [channels.webhook] outbound_url (not published: "
                        "URLs hold tokens)",
@@ -4664,8 +4679,9 @@ def webhook_openapi(settings):
              "schema": {"type": "string", "pattern": f"^{WAIT_PATTERN}$"},
              "description": "answer once done, or after this many seconds (at most "
                             f"{webhook.max_wait:g}, [channels.webhook] max_wait)"}],
-        "responses": responses({"200": answer("the message", ref("schemas", "Status"))},
-                               401, 404, 422, 429, 503)}}
+        "responses": responses({"200": answer("the message", ref("schemas", "Status"),
+                                              OPENAPI_WAIT_LIMITED)},
+                               401, 404, 408, 422, 429, 503)}}
     return {"paths": paths, "components": {
         "schemas": {"Message": message, "Attachment": attachment, "Reply": done,
                     "ToolCall": tool_call, "Accepted": accepted, "Status": status,
@@ -5069,8 +5085,9 @@ def twilio_openapi(settings):
                        "[channels.twilio] error_reply if it failed; else an empty "
                        "<Response/> at once and the reply follows through the Messages API",
         "content": {"text/xml": {"schema": string}},
-        "headers": {"Idempotent-Replayed": {"schema": {"const": "true"},
-                                            "description": "a retry of a MessageSid"}}}
+        "headers": dict(OPENAPI_WAIT_LIMITED, **{
+            "Idempotent-Replayed": {"schema": {"const": "true"},
+                                    "description": "a retry of a MessageSid"}})}
     post = {
         "operationId": "twilioMessage", "summary": "An SMS or WhatsApp message from Twilio",
         "security": [{"twilioSignature": []}],
