@@ -1126,7 +1126,7 @@ CONFIG_SCHEMA = {
         "timeout": ("60s", parse_positive_duration),
         "max_steps": ("8", parse_positive_int),
         "temperature": ("", parse_optional_float),
-        "max_tokens": ("1024", parse_positive_int),
+        "max_tokens": ("4096", parse_positive_int),
         "max_tokens_param": ("auto", parse_choice("auto", "max_tokens",
                                                   "max_completion_tokens")),
         "concurrency": ("64", parse_int_between(1, 1024)),
@@ -2318,13 +2318,38 @@ LABEL_CONTROLS = re.compile("[\x00-\x1f\x7f]")
 # === Agent: model providers =================================================
 
 class ModelReply:
-    """What one model call gave: text, tool calls, and whether the text was cut
-    off by the token limit (`truncated`)."""
+    """What one model call gave: text, tool calls ({id, name, arguments, and
+    `extra`: fields of the call the provider wants back}), `cut` when the text
+    was cut off (CUT_NOTES says why), and `echo`: fields of the assistant
+    message the provider requires back within the turn (DeepSeek's
+    reasoning_content), never shown to the user nor kept in history."""
 
-    def __init__(self, text="", tool_calls=(), truncated=False):
+    CUT_NOTES = {
+        "max_tokens": "the reply was cut off at [agent] max_tokens; raise it for complete "
+                      "answers",
+        "reasoning": "the model spent all of [agent] max_tokens on its reasoning and wrote no "
+                     "reply; raise max_tokens (reasoning models need several thousand)",
+        "context": "the conversation no longer fits the model's context window (raising "
+                   "max_tokens will not help); start a new session"}
+
+    def __init__(self, text="", tool_calls=(), cut=None, echo=None):
         self.text = text or ""
         self.tool_calls = list(tool_calls)
-        self.truncated = truncated
+        self.cut = cut
+        self.echo = echo or {}
+
+    @property
+    def truncated(self):
+        return self.cut is not None
+
+
+CALL_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def mint_call_id():
+    """An id for a tool call a server sent without one: 9 letters and digits,
+    what Mistral's API requires and every other accepts."""
+    return "".join(secrets.choice(CALL_ID_ALPHABET) for _ in range(9))
 
 
 class BuiltinModel:
@@ -2382,7 +2407,7 @@ class BuiltinModel:
         def call(name, **arguments):
             if name not in available:
                 return ModelReply(self.WEATHER_OFF if name == "weather" else self.NO_MODEL)
-            return ModelReply("", [{"id": new_id("call"), "name": name,
+            return ModelReply("", [{"id": mint_call_id(), "name": name,
                                     "arguments": json.dumps(arguments)}])
 
         match = self.REMEMBER.match(text)
@@ -2496,22 +2521,39 @@ class BuiltinModel:
 
 class HTTPModel:
     """Shared plumbing of the HTTP providers: key lookup, deadline, retries and
-    the mapping of every failure to the status the sender sees."""
+    the mapping of every failure to the status the sender sees, with the
+    provider's own message and, for a misconfiguration, what to check."""
 
     name = default_base_url = default_model = default_key_name = None
     MAX_ATTEMPTS = 3  # per model call, whatever the server asks for
     BACKOFF = 0.5     # seconds before the 2nd attempt, doubled for each one after
     RETRIED = frozenset({408, 429}) | frozenset(range(500, 600))
     TEMPORARY = frozenset({429, 503, 529})  # 529: Anthropic's overloaded_error
+    # base_url endings that are an endpoint, not the root the provider adds it to
+    ENDPOINT_SUFFIXES = ()
 
     def __init__(self, agent_config, vault, clock=time.monotonic, sleep=time.sleep):
         self.agent = agent_config  # the [agent] section
         self.vault = vault
         self.clock = clock
         self.sleep = sleep
-        self.base_url = (agent_config.base_url or self.default_base_url).rstrip("/")
+        self.base_url = self.root_url(agent_config.base_url or self.default_base_url)
         self.model = agent_config.model or self.default_model
         self.key_name = agent_config.api_key_name or self.default_key_name
+
+    @classmethod
+    def root_url(cls, url):
+        """[agent] base_url without an endpoint pasted onto it (…/chat/completions,
+        …/v1/messages): the daemon adds the endpoint, and said so at start."""
+        url = url.rstrip("/")
+        for suffix in cls.ENDPOINT_SUFFIXES:
+            if url.endswith(suffix):
+                root = url[:-len(suffix)]
+                log.warning("agent: [agent] base_url ends in %s, which the daemon adds itself; "
+                            "using %s (set it so to silence this)", suffix, url_host(root)
+                            + urllib.parse.urlsplit(root).path)
+                return root
+        return url
 
     def api_key(self):
         key = self.vault.get(self.key_name)
@@ -2522,7 +2564,10 @@ class HTTPModel:
         return key
 
     def post(self, url, payload, headers):
-        """POST JSON and return the parsed answer; every failure is an ApiError."""
+        """POST JSON and return the parsed answer; every failure is an ApiError.
+        Network failures, 408, 429, 5xx and a 200 whose body is an error with
+        such a code are retried (as the official SDKs do), honouring the
+        server's Retry-After, within [agent] timeout in all."""
         deadline = self.clock() + self.agent.timeout
         data = json.dumps(payload).encode()
         headers = dict(headers, **{"Content-Type": "application/json", "User-Agent": USER_AGENT})
@@ -2532,42 +2577,76 @@ class HTTPModel:
                 raise self._timeout()
             try:
                 status, answer_headers, body = http_post(url, data, headers, remaining)
-            except OSError as exc:
+                answer = self._answer(url, status, answer_headers, body)
+            except OSError as exc:  # no whole answer: refused, reset, cut short
                 if is_timeout(exc):
                     raise self._timeout() from None
-                raise ApiError(502, f"cannot reach the {self.name} model server at "
-                                    f"{url_host(url)}: {network_reason(exc)}") from None
-            if 200 <= status < 300:
-                try:
-                    return loads_json(body)
-                except (ValueError, RecursionError):
-                    raise ApiError(502, f"the {self.name} model server answered with "
-                                        "something that is not JSON") from None
-            if status in (401, 403):
-                log.warning("agent: the %s provider rejected the API key; store a valid one "
-                            "with: %s", self.name, command_hint(
-                                os.path.dirname(self.vault.path), "vault", "set", self.key_name))
-                raise ApiError(502, f"the {self.name} provider rejected the API key "
-                                    f"(HTTP {status}); the operator must store a valid one "
-                                    f"with `vault set {self.key_name}`")
-            if status not in self.RETRIED:
-                raise ApiError(502, f"the {self.name} model server refused the request "
-                                    f"(HTTP {status}): {provider_message(body)}")
+                status, answer_headers, answer = None, {}, ApiError(
+                    502, f"cannot reach the {self.name} model server at {url_host(url)}: "
+                         f"{network_reason(exc)}")
+            if not isinstance(answer, ApiError):
+                return answer
+            code = getattr(answer, "upstream", None) or status  # None: no answer at all
+            if code is not None and code not in self.RETRIED:
+                raise answer
             wait = retry_after_seconds(answer_headers)
             if wait is None:
                 wait = self.BACKOFF * 2 ** (attempt - 1)
             if attempt == self.MAX_ATTEMPTS or self.clock() + wait >= deadline:
-                raise self._gave_up(status, body, attempt, wait)
+                raise self._gave_up(status, answer, attempt, wait)
             self.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _gave_up(self, status, body, attempts, wait):
-        detail = f"HTTP {status} after {attempts} attempt(s): {provider_message(body)}"
+    def _answer(self, url, status, headers, body):
+        """The parsed answer of a 2xx, else the ApiError it amounts to (its
+        `upstream` the status to decide a retry by, when it is one)."""
+        shown = url_without_query(url)
+        if 300 <= status < 400:
+            return ApiError(502, f"the {self.name} model server answered {shown} with a "
+                                 f"redirect (HTTP {status}) to "
+                                 f"{url_without_query(headers.get('Location') or '?')}; "
+                                 "check [agent] base_url")
+        if status in (401, 403):
+            log.warning("agent: the %s provider rejected the API key; store a valid one "
+                        "with: %s", self.name, command_hint(
+                            os.path.dirname(self.vault.path), "vault", "set", self.key_name))
+            return ApiError(502, f"the {self.name} provider rejected the API key "
+                                 f"(HTTP {status}); the operator must store a valid one "
+                                 f"with `vault set {self.key_name}`")
+        if status == 404:
+            return ApiError(502, f"the {self.name} model server answered 404 for {shown}: "
+                                 f"{provider_message(body)}{self.not_found_hint()}")
+        if not 200 <= status < 300:
+            return ApiError(502, f"the {self.name} model server refused the request "
+                                 f"(HTTP {status}): {provider_message(body)}")
+        kind = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        try:
+            answer = loads_json(body)
+        except (ValueError, RecursionError):
+            return ApiError(502, f"the {self.name} model server at {shown} answered with "
+                                 f"{kind or 'something'} that is not JSON (a captive portal, "
+                                 "or another service?); check [agent] base_url")
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error and not (answer.get("choices") or answer.get("content")):
+            code = error.get("code") if isinstance(error, dict) else None
+            failed = ApiError(502, f"the {self.name} model server reported an error: "
+                                   f"{provider_message(body)}")
+            failed.upstream = int(code) if str(code).isdigit() else None
+            return failed
+        return answer
+
+    def not_found_hint(self):
+        return "; check [agent] base_url and model"
+
+    def _gave_up(self, status, failed, attempts, wait):
+        status = getattr(failed, "upstream", None) or status
+        detail = f"after {attempts} attempt(s): {failed.description}"
         if status in self.TEMPORARY:
             return ApiError(503, f"the {self.name} provider is overloaded or rate limiting "
-                                 f"requests ({detail}); try again later",
+                                 f"requests (HTTP {status} {detail}); try again later",
                             retry_after=max(1, math.ceil(wait)))
-        return ApiError(502, f"the {self.name} model server failed ({detail})")
+        return ApiError(502, f"the {self.name} model server failed (HTTP {status or '-'} "
+                             f"{detail})")
 
     def _timeout(self):
         return ApiError(504, f"the {self.name} model did not answer within "
@@ -2578,31 +2657,77 @@ PROVIDER_MESSAGE_MAX = 300  # characters of a model server's error passed on
 
 
 def provider_message(body):
-    """The provider's own error message, short, for the sender to act on."""
+    """The provider's own error message, short, for the sender to act on: from
+    {"error": {"message"}}, {"error": "..."}, {"detail": ...} (vLLM, FastAPI),
+    or Gemini's list of them; else the text itself."""
     try:
         data = json.loads(body)
-        error = data.get("error", data)
-        text = error.get("message") if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError, RecursionError):
+    except (ValueError, RecursionError, TypeError):
+        data = None
+    if isinstance(data, list) and data:  # Gemini: [{"error": {...}}]
+        data = data[0]
+    if isinstance(data, dict):
+        error = data.get("error", data.get("detail", data))
+        text = (error.get("message") or error.get("detail") or json.dumps(error)
+                if isinstance(error, dict) else str(error))
+    elif isinstance(body, bytes):
         text = body.decode("utf-8", "replace")
+    else:
+        text = str(body)
     return one_line(text or "")[:PROVIDER_MESSAGE_MAX] or "no details"
 
 
-def tool_call_arguments_text(arguments):
-    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+THINKING = re.compile(r"<think>.*?(</think>|\Z)|\A.*?</think>", re.S)
+TEXT_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(</tool_call>|\Z)", re.S)
+
+
+def reply_text_and_calls(text):
+    """A reply as a model served without a reasoning or tool parser writes it
+    (llama.cpp, Ollama): <think>…</think> is dropped (the user never sees the
+    reasoning), and Hermes-style <tool_call>{"name", "arguments"}</tool_call>
+    blocks become tool calls instead of text; a block that does not parse is
+    dropped too."""
+    text = THINKING.sub("", text)
+    calls = []
+    for match in TEXT_TOOL_CALL.finditer(text):
+        with contextlib.suppress(ValueError, RecursionError):
+            call = loads_json(match.group(1))
+            if isinstance(call, dict) and isinstance(call.get("name"), str):
+                calls.append({"id": mint_call_id(), "name": call["name"],
+                              "arguments": call.get("arguments", call.get("parameters", {}))})
+    return TEXT_TOOL_CALL.sub("", text).strip() if calls or "<tool_call>" in text else text, calls
+
+
+def json_arguments(arguments):
+    """A tool call's arguments as the JSON text servers take back: a model's
+    invalid JSON is sent as {} (llama-server refuses the turn otherwise; the
+    tool result has told the model what was wrong)."""
+    if not isinstance(arguments, str):
+        return json.dumps(arguments)
+    try:
+        loads_json(arguments or "{}")
+    except (ValueError, RecursionError):
+        return "{}"
+    return arguments or "{}"
 
 
 class OpenAIModel(HTTPModel):
     """Any OpenAI-compatible Chat Completions server: OpenAI, Ollama, llama.cpp,
-    vLLM, LM Studio, OpenRouter, Groq."""
+    vLLM, LM Studio, OpenRouter, Groq, DeepSeek, Gemini's compatible endpoint."""
 
     name = "openai"
     default_base_url = "https://api.openai.com/v1"
     default_model = "gpt-4o-mini"
     default_key_name = "openai_api_key"
+    ENDPOINT_SUFFIXES = ("/chat/completions",)
     # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse max_tokens.
     REASONING_MODEL = re.compile(r"^(o\d|gpt-5)", re.I)
     FILTERED = "(the model's content filter withheld the reply)"
+    # Fields of an assistant message that servers require back within the turn:
+    # DeepSeek's thinking mode refuses a tool result without its reasoning_content,
+    # OpenRouter documents reasoning_details. Others (Groq's `reasoning`) are refused.
+    ECHOED = ("reasoning_content", "reasoning_details")
+    CALL_ECHOED = ("extra_content",)  # Gemini 3: extra_content.google.thought_signature
 
     def token_limit_key(self):
         """max_completion_tokens for api.openai.com and reasoning models, max_tokens
@@ -2614,6 +2739,12 @@ class OpenAIModel(HTTPModel):
         official = urllib.parse.urlsplit(self.base_url).hostname == "api.openai.com"
         reasoning = self.REASONING_MODEL.match(self.model.rsplit("/", 1)[-1])
         return "max_completion_tokens" if official or reasoning else "max_tokens"
+
+    def not_found_hint(self):
+        if not urllib.parse.urlsplit(self.base_url).path.rstrip("/").endswith("/v1"):
+            return (f"; OpenAI-compatible servers (Ollama, LM Studio, vLLM) serve under /v1: "
+                    f"try [agent] base_url = {self.base_url}/v1")
+        return f"; check [agent] base_url and that the server has the model {self.model!r}"
 
     def complete(self, system, messages, tools):
         payload = {"model": self.model, "messages": self._messages(system, messages),
@@ -2630,23 +2761,33 @@ class OpenAIModel(HTTPModel):
             headers["Authorization"] = "Bearer " + key
         data = self.post(self.base_url + "/chat/completions", payload, headers)
         try:
-            return self._reply(data["choices"][0])
+            choice = data["choices"][0]
+            failed = choice.get("error")
+            if failed or choice.get("finish_reason") == "error":  # OpenRouter, mid-generation
+                raise ApiError(502, "the openai model server failed while writing the reply: "
+                                    + provider_message(json.dumps({"error": failed or {}})))
+            return self._reply(choice["message"], choice.get("finish_reason"))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             raise ApiError(502, "the openai model server answered in an unexpected "
                                 "shape (no usable choices[0].message)") from None
 
-    def _reply(self, choice):
-        message = choice["message"]
-        calls = [{"id": c.get("id") or new_id("call"), "name": str(c["function"]["name"]),
-                  "arguments": c["function"].get("arguments") or "{}"}
+    def _reply(self, message, finish):
+        calls = [{"id": c.get("id") or mint_call_id(), "name": str(c["function"]["name"]),
+                  "arguments": c["function"].get("arguments") or "{}",
+                  "extra": {k: c[k] for k in self.CALL_ECHOED if c.get(k)}}
                  for c in message.get("tool_calls") or ()]
         text = content_text(message.get("content"))
-        finish = choice.get("finish_reason")
+        text, written = reply_text_and_calls(text)
+        calls = calls or written
         if not text and isinstance(message.get("refusal"), str):
             text = message["refusal"]  # the model's own words for why it will not answer
         if not text and not calls and finish == "content_filter":
             text = self.FILTERED
-        return ModelReply(text, calls, truncated=finish == "length")
+        reasoned = message.get("reasoning_content") or message.get("reasoning")
+        cut = ("reasoning" if not text and not calls and reasoned else "max_tokens"
+               ) if finish == "length" else None
+        return ModelReply(text, calls, cut=cut,
+                          echo={k: message[k] for k in self.ECHOED if message.get(k)})
 
     @staticmethod
     def _messages(system, messages):
@@ -2656,11 +2797,13 @@ class OpenAIModel(HTTPModel):
                 out.append({"role": "tool", "tool_call_id": m["tool_call_id"],
                             "content": m["content"]})
             elif m.get("tool_calls"):
-                out.append({"role": "assistant", "content": m["content"] or None,
-                            "tool_calls": [{"id": c["id"], "type": "function", "function": {
-                                "name": c["name"],
-                                "arguments": tool_call_arguments_text(c["arguments"])}}
-                                for c in m["tool_calls"]]})
+                out.append(dict(m.get("echo") or {}, **{
+                    # "" where a server refuses null; every one takes "" with tool_calls
+                    "role": "assistant", "content": m["content"] or "",
+                    "tool_calls": [dict(c.get("extra") or {}, **{
+                        "id": c["id"], "type": "function", "function": {
+                            "name": c["name"], "arguments": json_arguments(c["arguments"])}})
+                        for c in m["tool_calls"]]}))
             else:
                 out.append({"role": m["role"], "content": m["content"]})
         return out
@@ -2685,9 +2828,11 @@ class AnthropicModel(HTTPModel):
     default_base_url = "https://api.anthropic.com"
     default_model = "claude-sonnet-4-5"
     default_key_name = "anthropic_api_key"
+    ENDPOINT_SUFFIXES = ("/v1/messages", "/v1")
     API_VERSION = "2023-06-01"
-    CUT_OFF = ("max_tokens", "model_context_window_exceeded")
+    CUTS = {"max_tokens": "max_tokens", "model_context_window_exceeded": "context"}
     REFUSED = "(the model declined to answer)"
+    PAUSES = 3  # pause_turn continuations of one model call (server tools), at most
 
     def complete(self, system, messages, tools):
         payload = {"model": self.model, "system": system, "max_tokens": self.agent.max_tokens,
@@ -2701,19 +2846,33 @@ class AnthropicModel(HTTPModel):
         key = self.api_key()
         if key:
             headers["x-api-key"] = key
-        data = self.post(self.base_url + "/v1/messages", payload, headers)
+        blocks = []
+        for _ in range(self.PAUSES + 1):
+            data = self.post(self.base_url + "/v1/messages", payload, headers)
+            try:
+                blocks += list(data["content"])
+                stop = data.get("stop_reason")
+            except (KeyError, TypeError):
+                raise ApiError(502, "the anthropic model server answered in an unexpected "
+                                    "shape (no content blocks)") from None
+            if stop != "pause_turn":
+                break
+            # a long server-tool turn paused: sent back as it is, the model goes on
+            payload["messages"] = payload["messages"] + [{"role": "assistant",
+                                                          "content": data["content"]}]
         try:
-            blocks = data["content"]
             text = "".join(b["text"] for b in blocks if b.get("type") == "text")
             calls = [{"id": b["id"], "name": str(b["name"]), "arguments": b.get("input") or {}}
                      for b in blocks if b.get("type") == "tool_use"]
-            stop = data.get("stop_reason")
         except (KeyError, TypeError, AttributeError):
             raise ApiError(502, "the anthropic model server answered in an unexpected "
-                                "shape (no content blocks)") from None
-        if not text.strip() and not calls and stop == "refusal":
-            text = self.REFUSED
-        return ModelReply(text, calls, truncated=stop in self.CUT_OFF)
+                                "shape (content blocks)") from None
+        if stop == "refusal":  # partial text before a refusal is not an answer
+            return ModelReply(self.REFUSED)
+        return ModelReply(text, calls, cut=self.CUTS.get(stop))
+
+    def not_found_hint(self):
+        return f"; check [agent] base_url (the API's root) and model {self.model!r}"
 
     @staticmethod
     def _messages(messages):
@@ -2733,12 +2892,7 @@ class AnthropicModel(HTTPModel):
                 text = m["content"] if (m["content"] or "").strip() else None
                 content = [{"type": "text", "text": text}] if text else []
                 for c in m["tool_calls"]:
-                    arguments = c["arguments"]
-                    if isinstance(arguments, str):
-                        try:
-                            arguments = json.loads(arguments or "{}")
-                        except ValueError:
-                            arguments = {}
+                    arguments = json.loads(json_arguments(c["arguments"]))
                     content.append({"type": "tool_use", "id": c["id"], "name": c["name"],
                                     "input": arguments if isinstance(arguments, dict) else {}})
                 out.append({"role": "assistant", "content": content})
@@ -2823,7 +2977,7 @@ class Agent:
         tools = self.tools.offered()
         records = []
         outcome = "error"
-        truncated = False
+        cut = None
         try:
             for _ in range(agent.max_steps):
                 started = time.monotonic()
@@ -2833,11 +2987,12 @@ class Agent:
                     self.metrics.observe("aibutler_model_seconds", (("provider", agent.provider),),
                                          time.monotonic() - started)
                 if not answer.tool_calls:
-                    reply = answer.text.strip() or "(the model returned an empty reply)"
-                    truncated = answer.truncated
+                    cut = answer.cut
+                    reply = answer.text.strip() or (f"({ModelReply.CUT_NOTES[cut]})" if cut
+                                                    else "(the model returned an empty reply)")
                     break
                 messages.append({"role": "assistant", "content": answer.text,
-                                 "tool_calls": answer.tool_calls})
+                                 "tool_calls": answer.tool_calls, "echo": answer.echo})
                 for call in answer.tool_calls:
                     record = self.tools.invoke(call, ctx)
                     records.append(record)
@@ -2850,14 +3005,18 @@ class Agent:
                 reply = (f"I stopped after {agent.max_steps} model calls without reaching an "
                          "answer ([agent] max_steps). Please try a simpler request.")
             outcome = "ok"
+        except ApiError as exc:  # the operator sees why, sync or async: one line
+            log.warning("turn %s failed (provider %s, answered %d): %s", message_id or "-",
+                        agent.provider, exc.status, exc.description)
+            raise
         finally:
             self.metrics.inc("aibutler_agent_turns_total",
                              (("provider", agent.provider), ("outcome", outcome)))
         result = {"reply": reply, "session_id": session_id, "tool_calls": records}
-        if truncated:
-            log.warning("agent: the reply of model %s was cut off at [agent] max_tokens = %d; "
-                        "raise it for complete answers", getattr(self.model, "model", "?"),
-                        agent.max_tokens)
+        if cut:
+            log.warning("agent: turn %s of model %s: %s ([agent] max_tokens = %d)",
+                        message_id or "-", getattr(self.model, "model", "?"),
+                        ModelReply.CUT_NOTES[cut], agent.max_tokens)
             result["truncated"] = True
         return result
 
@@ -3163,7 +3322,7 @@ class Inbox:
             if session_id is None:
                 raise unknown_session()
             with self.gate.turn(user_id, arrived, timeout=turn_time_limit(self.settings)):
-                result = self.agent.run_turn(request, session_id)
+                result = self.agent.run_turn(request, session_id, new_id("sync"))
             with self.store.transaction() as db:  # the exchange and the key: both or neither
                 self.store.record_exchange(db, session_id, request["message"], result["reply"],
                                            self.settings.sessions.max_history)
@@ -3549,8 +3708,7 @@ class TurnWorkers(WorkerPool):
             body.update(reply=result["reply"], tool_calls=result["tool_calls"])
             if result.get("truncated"):
                 body["truncated"] = True
-        except ApiError as exc:
-            log.warning("turn %s failed: %s", job["message_id"], exc.description)
+        except ApiError as exc:  # Agent.run_turn logged why
             body["error"] = exc.as_dict()
         except Exception as exc:
             if isinstance(exc, sqlite3.Error) and is_storage_failure(exc):

@@ -233,4 +233,4 @@ def test_a_failed_turn_answers_the_apology_and_logs_why(daemon, receiver):
                        {"error": {"message": "model not found"}}, 0)])
     d = start(daemon, twilio_config(model, twilio="error_reply = Oops <sorry>, try later.\n"))
     assert messages(post(d, sms("hi"))) == ["Oops <sorry>, try later."]
-    d.wait_log(r"turn msg-\w+ failed: .*400")
+    d.wait_log(r"turn msg-\w+ failed \(provider openai, answered 502\): .*HTTP 400")
