@@ -311,14 +311,24 @@ def http_request(method, url, body, headers, timeout):
         time.monotonic() + timeout))
     try:
         with opener.open(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read(MAX_RESPONSE_BYTES)
+            return response.status, response.headers, whole_body(response)
     except urllib.error.HTTPError as exc:
         with exc:
-            return exc.code, exc.headers, exc.read(MAX_RESPONSE_BYTES)
+            return exc.code, exc.headers, whole_body(exc)
     except http.client.HTTPException as exc:  # IncompleteRead, LineTooLong...: no answer
         raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
     except (ValueError, UnicodeError) as exc:  # e.g. a header value: its text holds a secret
         raise ConnectionError(f"cannot send the request ({type(exc).__name__})") from None
+
+
+def whole_body(response):
+    """The body up to MAX_RESPONSE_BYTES; a connection closed before the
+    Content-Length was read is no answer (read(n) returns what came, quietly)."""
+    body = response.read(MAX_RESPONSE_BYTES)
+    length = response.headers.get("Content-Length") or ""
+    if length.isdigit() and len(body) < min(int(length), MAX_RESPONSE_BYTES):
+        raise ConnectionError(f"the answer was cut short ({len(body)} of {length} bytes)")
+    return body
 
 
 def http_post(url, body, headers, timeout):

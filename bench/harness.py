@@ -28,6 +28,11 @@ USERS = 1000
 PATH = "/webhook/custom"
 START_TIMEOUT = 60  # seconds for a daemon to print its port and answer once
 
+# The aibutler.py every daemon the bench starts runs: the checkout's, or the
+# file given with `run.py --aibutler PATH` (an older version, say
+# `git show 17e1de6:aibutler.py > /tmp/aibutler-17e1de6.py`).
+AIBUTLER = os.path.join(ROOT, "aibutler.py")
+
 # Config lines given with `run.py --set`, applied to every aibutler the bench
 # starts, so a change behind a new key can be measured before and after.
 CONFIG_OVERRIDES = []
@@ -216,18 +221,32 @@ def start_aibutler(data, extra_config="", cpu=None, as_script=False, env=None, r
     `env` adds variables (LD_PRELOAD, say) to the daemon's environment."""
     daemon_vars, config = daemon_env(data, extra_config)
     daemon_vars.update(env or {})
+    cwd = None
     if as_script:
-        argv = [sys.executable, os.path.join(ROOT, "aibutler.py")]
+        argv = [sys.executable, AIBUTLER]
     else:
         code = os.path.join(data, "code")
         os.makedirs(code)
-        shutil.copy(os.path.join(ROOT, "aibutler.py"), code)
+        shutil.copy(AIBUTLER, os.path.join(code, "aibutler.py"))
         py_compile.compile(os.path.join(code, "aibutler.py"), doraise=True,
                            cfile=importlib.util.cache_from_source(os.path.join(code, "aibutler.py")))
         daemon_vars["PYTHONPATH"] = code
-        argv = [sys.executable, "-m", "aibutler"]
+        # `-m` puts the working directory first on sys.path: run from the
+        # checkout, it would import the checkout's aibutler.py (compiled at
+        # every start) instead of this copy.
+        argv, cwd = [sys.executable, "-m", "aibutler"], code
     return Server(argv + ["run", "--config", config, "--port", "0"], env=daemon_vars, cpu=cpu,
-                  ready=ready)
+                  cwd=cwd, ready=ready)
+
+
+def load_aibutler(path):
+    """The module in the aibutler.py at `path`, imported as `aibutler` (for
+    the in-process parts of run.py when --aibutler names another file)."""
+    spec = importlib.util.spec_from_file_location("aibutler", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["aibutler"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def start_floor(cpu=None):

@@ -4,6 +4,8 @@
     python bench/run.py --quick         # shorter runs, no soak, no pinned pass, no slow model
     python bench/run.py --slow-model    # only issue 12's slow-model runs (--cpu, --sd-card too)
     python bench/run.py --slow-model --set "[agent] concurrency = 8"   # with a config line
+    python bench/run.py --checkpoints   # sync turns that write, fast disk and 49 ms fsync
+    python bench/run.py --checkpoints --aibutler /tmp/aibutler-17e1de6.py   # another version
 
 Starts on loopback: the floor (bench/floor.py), aibutler in sync mode (builtin
 agent, rate limits off), aibutler in async mode (202 path, replies drained to a
@@ -11,7 +13,11 @@ loopback receiver), a dispatch run (N queued replies delivered to a receiver)
 and an in-process turn against a fake model that answers at once. Then issue
 12's scenarios: a fake model that takes 2 s per call with many users writing at
 once (bench/slow_model.py), CPU time per request pinned to one core and durable
-accepts on an emulated SD card (bench/efficiency.py). Prints markdown tables
+accepts on an emulated SD card (bench/efficiency.py); sync turns that write
+(the `remember` tool) while the WAL is checkpointed, on a fast disk and an
+emulated SD card (bench/checkpoints.py); idle memory after start and after a
+first request. --aibutler PATH runs another aibutler.py in every daemon (and
+in-process part) instead of the checkout's. Prints markdown tables
 and, for a full run, writes them to bench/RESULTS.md with the machine it ran
 on, keeping what follows the marker line there (figures kept for comparison).
 Uses wrk when installed (apt install wrk), else a standard-library keep-alive
@@ -36,11 +42,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import aibutler  # noqa: E402
+import checkpoints  # noqa: E402
 import efficiency  # noqa: E402
 import harness  # noqa: E402
 import slow_model  # noqa: E402
-from harness import (PATH, SECRET, THREADS, USERS, Sink, load, rss_mb,  # noqa: E402
-                     start_aibutler, start_floor)
+from harness import (PATH, SECRET, THREADS, USERS, Sink, first_health, load,  # noqa: E402
+                     rss_mb, start_aibutler, start_floor)
 
 
 # --- helpers --------------------------------------------------------------
@@ -72,6 +79,45 @@ def scenario_script_start():
             return rss_mb(server.proc.pid), server.ready_s
         finally:
             server.stop()
+
+
+def scenario_idle_rss():
+    """A sync daemon's VmRSS once /healthz answers (no turn run yet), then
+    after one turn ("hello"), after one "remember that ..." turn, and after a
+    further IDLE_SETTLE seconds: (label, MB) pairs, and the ready time."""
+    marks = []
+    with tempfile.TemporaryDirectory() as data:
+        server = start_aibutler(data, ready=first_health)
+        try:
+            time.sleep(IDLE_SETTLE)
+            marks.append(("after start (/healthz answered, no turn yet)", rss_mb(server.pid)))
+            for label, message in (("after a first request (\"hello\")", "hello"),
+                                   ("after a first write (\"remember that ...\")",
+                                    "remember that my locker is 42")):
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+                conn.request("POST", PATH, body=json.dumps({"user_id": "idle", "message": message}),
+                             headers={"Content-Type": "application/json",
+                                      "X-Aibutler-Secret": SECRET})
+                conn.getresponse().read()
+                conn.close()
+                time.sleep(IDLE_SETTLE)
+                marks.append((label, rss_mb(server.pid)))
+            time.sleep(10)
+            marks.append((f"{10 + IDLE_SETTLE:g} s later", rss_mb(server.pid)))
+        finally:
+            server.stop()
+    return marks, server.ready_s
+
+
+IDLE_SETTLE = 1.0  # seconds after start or a request before VmRSS is read
+
+
+def idle_report(result):
+    marks, ready = result
+    return ["### Idle memory", "",
+            f"Sync daemon (`python -m aibutler`, builtin agent), VmRSS {IDLE_SETTLE:g} s after "
+            f"each step (ready in {ready:.3f} s: /healthz answered): "
+            + "; ".join(f"{label}: **{mb:.1f} MB**" for label, mb in marks) + ".", ""]
 
 
 def scenario_floor(args, cpu, load_cpu):
@@ -233,10 +279,24 @@ def run_pass(args, cpu, load_cpu):
 
 def aibutler_commit():
     """Which aibutler.py was measured: the last commit that changed it, the
-    checkout's commit, and whether the file differs from it."""
+    checkout's commit, and whether the file differs from it (or, with
+    --aibutler, that file and its git blob id)."""
     def git(*argv):
         return subprocess.run(["git", "-C", ROOT, *argv], capture_output=True,
                               text=True).stdout.strip()
+    if os.path.abspath(harness.AIBUTLER) != os.path.join(ROOT, "aibutler.py"):
+        blob = git("hash-object", harness.AIBUTLER)
+        same = [c for c in git("log", "--format=%h", f"--find-object={blob}", "--",
+                               "aibutler.py").split() if git("rev-parse", f"{c}:aibutler.py")
+                == blob] if blob else []
+        if same:
+            what = f"aibutler.py of commit {same[-1]}"
+        elif blob and blob == git("hash-object", os.path.join(ROOT, "aibutler.py")):
+            what = "the working tree's aibutler.py"
+        else:
+            what = "aibutler.py"
+        return (f"{what} (git blob {blob[:10] or 'unknown'}), run from {harness.AIBUTLER} "
+                f"(checkout {git('log', '-1', '--format=%h') or 'unknown'})")
     changed, head = git("log", "-1", "--format=%h", "--", "aibutler.py"), git("log", "-1",
                                                                               "--format=%h")
     text = f"aibutler.py of commit {changed or 'unknown'} (checkout {head or 'unknown'})"
@@ -295,8 +355,9 @@ def write_results(report):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="With none of --slow-model, --cpu, --sd-card: everything, and (unless "
-               "--quick) the report goes to bench/RESULTS.md. With some: only those, printed.")
+        epilog="With none of --slow-model, --cpu, --sd-card, --checkpoints, --idle-rss: "
+               "everything, and (unless --quick) the report goes to bench/RESULTS.md. With "
+               "some: only those, printed.")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--callbacks", type=int, default=3000)
@@ -310,6 +371,14 @@ def parse_args(argv=None):
                         help="CPU time per request, pinned to one core (bench/efficiency.py)")
     parser.add_argument("--sd-card", action="store_true",
                         help="durable async accepts with a slow fsync (bench/efficiency.py)")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="sync turns that write (remember), fast disk and a slow fsync "
+                             "(bench/checkpoints.py)")
+    parser.add_argument("--idle-rss", action="store_true",
+                        help="idle memory after start and after a first request")
+    parser.add_argument("--aibutler", metavar="PATH",
+                        help="the aibutler.py to measure instead of the checkout's, e.g. "
+                             "one from `git show COMMIT:aibutler.py > /tmp/aibutler-COMMIT.py`")
     parser.add_argument("--set", action="append", default=[], metavar="'[SECTION] KEY = VALUE'",
                         help="a config line for every aibutler started, e.g. "
                              "'[agent] concurrency = 8' (repeatable)")
@@ -321,34 +390,58 @@ def parse_args(argv=None):
     parser.add_argument("--sd-seconds", type=int, default=5)
     parser.add_argument("--fsync-ms", type=float, default=5.0,
                         help="milliseconds the shim adds to each fsync")
+    parser.add_argument("--checkpoint-fsync-ms", type=float, default=49.0,
+                        help="milliseconds the shim adds to each fsync in --checkpoints")
+    parser.add_argument("--checkpoint-turns", type=int, default=3000)
+    parser.add_argument("--checkpoint-senders", type=int, default=4)
+    parser.add_argument("--checkpoint-users", type=int, default=1000)
+    parser.add_argument("--checkpoint-rate", type=float, default=0,
+                        help="turns per second in all in --checkpoints (0: each sender's "
+                             "next as soon as its last is answered)")
+    parser.add_argument("--checkpoint-seconds", type=int, default=120,
+                        help="at most this long per --checkpoints run")
+    parser.add_argument("--fact-bytes", type=int, default=1500,
+                        help="characters of each remembered fact (the tool takes up to 2000)")
     args = parser.parse_args(argv)
     for line in args.set:
         try:
             harness.override_text(line)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.aibutler and not os.path.isfile(args.aibutler):
+        parser.error(f"--aibutler {args.aibutler}: no such file")
     if args.quick:
         args.seconds, args.callbacks, args.turns, args.soak = 3, 1000, 200, 0
-        args.cpu_seconds, args.sd_seconds = 2, 2
+        args.cpu_seconds, args.sd_seconds, args.checkpoint_turns = 2, 2, 1000
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     harness.CONFIG_OVERRIDES[:] = args.set
-    chosen = args.slow_model or args.cpu or args.sd_card
+    if args.aibutler:
+        global aibutler
+        harness.AIBUTLER = os.path.abspath(args.aibutler)
+        aibutler = harness.load_aibutler(harness.AIBUTLER)
+    chosen = (args.slow_model or args.cpu or args.sd_card or args.checkpoints
+              or args.idle_rss)
     out = ["# aibutler benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
            f"on {machine()}; {aibutler_commit()}"
            + (f"; config for every aibutler: {'; '.join(args.set)}" if args.set else "") + ".",
            ""]
     if not chosen:
         out += throughput_sections(args)
+    if args.idle_rss or not chosen:
+        out += idle_report(scenario_idle_rss())
     if args.slow_model or not (chosen or args.quick):
         out += slow_model.report(slow_model.scenario_slow_model(args), args)
     if args.cpu or not chosen:
         out += efficiency.cpu_report(efficiency.scenario_cpu(args), args)
     if args.sd_card or not chosen:
         out += efficiency.sd_report(efficiency.scenario_sd_card(args), args)
+    if args.checkpoints or not chosen:
+        out += checkpoints.report(checkpoints.scenario_checkpoints(args), args,
+                                  f"Measured: {aibutler_commit()}")
     report = "\n".join(out)
     print(report)
     if not (chosen or args.quick):
