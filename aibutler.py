@@ -152,7 +152,10 @@ def command_hint(data_dir, *words, env=None):
         prefix = ["sudo", "AIBUTLER_DATA=" + shlex.quote(data_dir)]
     elif data_dir != data_dir_from_env({}):
         prefix = ["AIBUTLER_DATA=" + shlex.quote(data_dir)]
-    command = [sys.executable or "python3", os.path.abspath(__file__), *words]
+    if os.path.basename(sys.argv[0] or "") == "aibutler":  # pip's console script
+        command = ["aibutler", *words]
+    else:
+        command = [sys.executable or "python3", os.path.abspath(__file__), *words]
     return " ".join(prefix + [shlex.quote(word) for word in command])
 
 
@@ -946,8 +949,17 @@ def parse_bool(text):
     return value
 
 
+def whole_number(text, expected):
+    """int(text), or a ValueError that says what was expected (not Python's
+    "invalid literal for int() with base 10")."""
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"expected {expected}") from None
+
+
 def parse_positive_int(text):
-    value = int(text)
+    value = whole_number(text, "a whole number, 1 or more")
     if value < 1:
         raise ValueError("must be 1 or more")
     return value
@@ -955,7 +967,7 @@ def parse_positive_int(text):
 
 def parse_int_between(low, high):
     def parse(text):
-        value = int(text)
+        value = whole_number(text, f"a whole number from {low} to {high}")
         if not low <= value <= high:
             raise ValueError(f"must be a whole number from {low} to {high}")
         return value
@@ -1042,7 +1054,10 @@ def parse_text(text):
 def parse_optional_float(text):
     if not str(text).strip():
         return None
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number from 0 to 2, or empty") from None
     if not 0 <= value <= 2:
         raise ValueError("must be a number from 0 to 2, or empty")
     return value
@@ -1260,8 +1275,14 @@ def load_config(explicit=None, env=None, data_dir=None):
         try:
             with open(path, encoding="utf-8") as handle:
                 parser.read_file(handle)
-        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        except configparser.MissingSectionHeaderError as exc:
+            raise ConfigError(f"{path}, line {exc.lineno}: {exc.line.strip()!r} comes before any "
+                              "[section]; keys go under one, like [server] or [agent] (see "
+                              "config.example.ini)") from None
+        except configparser.Error as exc:
             raise ConfigError(f"{path}: {one_line(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read it: {one_line(exc)}") from None
         for section in parser.sections():
             if section not in CONFIG_SCHEMA:
                 warnings.append(f"{path}: unknown section [{section}] ignored")
@@ -1289,6 +1310,14 @@ def load_config(explicit=None, env=None, data_dir=None):
     config = Config(values, source=path, warnings=warnings)
     check_channels(config, origin)
     return config
+
+
+def config_changes(old, new):
+    """The keys whose values differ, as "[section] key" (values not shown: URLs
+    hold tokens)."""
+    return [f"[{section}] {key}" for section, keys in CONFIG_SCHEMA.items() for key in keys
+            if getattr(getattr(old, section.split(".")[-1]), key)
+            != getattr(getattr(new, section.split(".")[-1]), key)]
 
 
 def check_channels(config, origin):
@@ -2182,6 +2211,15 @@ class Store:
                     "UPDATE deliveries SET state='pending', attempts=0, next_attempt=? "
                     "WHERE state='failed'", (self.clock(),))
             return cursor.rowcount
+
+    def drop_deliveries(self, message_id=None):
+        """Forget callbacks not sent yet: one, or every pending one."""
+        with self.transaction() as db:
+            if message_id:
+                return db.execute("DELETE FROM deliveries WHERE message_id=? AND state IN "
+                                  "('pending','sending')", (message_id,)).rowcount
+            return db.execute("DELETE FROM deliveries WHERE state IN ('pending','sending')"
+                              ).rowcount
 
     def purge_deliveries(self, older_than):
         cutoff = self.clock() - older_than
@@ -5715,9 +5753,11 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload: %s; keeping the running config", exc)
             return
+        changed = config_changes(self.settings.config, config)
         self.butler.reload(config)
         logging.getLogger().setLevel(config.server.log_level.upper())
-        log.info("reload: config re-read from %s", config.source or "defaults")
+        log.info("reload: config re-read from %s; %s", config.source or "defaults",
+                 "changed: " + ", ".join(changed) if changed else "nothing changed")
 
     def _shutdown(self, server):
         sd_notify("STOPPING=1\nSTATUS=stopping", self.env)
@@ -5906,12 +5946,21 @@ def pending_output(server):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="aibutler", description="A webhook daemon that lets anything able to POST JSON "
-                                     "talk to an AI agent.")
+                                     "talk to an AI agent.",
+        epilog="Files: the data directory (vault, database) is $AIBUTLER_DATA, else "
+               "~/.aibutler (the service's is /var/lib/aibutler); the config file is --config, "
+               "else $AIBUTLER_CONFIG, else <data>/config.ini when present. Exit codes: 0 ok, "
+               "1 failure, 2 usage, 69 port taken, 78 bad configuration.")
     parser.add_argument("--version", action="version", version=f"aibutler {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    run = commands.add_parser("run", help="serve the webhook until stopped")
+    run = commands.add_parser(
+        "run", help="serve the webhook until stopped",
+        description="Serve the webhook in the foreground until Ctrl-C or SIGTERM (SIGHUP "
+                    "re-reads the config). The first start generates the shared secret; "
+                    "print it with `vault get webhook_auth_secret`. To run it as a service "
+                    "instead, use `sudo python3 aibutler.py install`.")
     run.add_argument("--config", metavar="FILE", help="config file (default: $AIBUTLER_CONFIG, "
                                                       "else <data>/config.ini if present)")
     run.add_argument("--host", help="address to listen on (overrides [server] host)")
@@ -5943,15 +5992,24 @@ def build_parser():
     verbs.required = True
     listing = verbs.add_parser("list", help="recent callbacks and their state")
     listing.add_argument("--failed", action="store_true", help="only the failed ones")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=int, default=50, metavar="N",
+                         help="show the N newest (default 50)")
     listing.set_defaults(func=cmd_deliveries_list)
     retry = verbs.add_parser("retry", help="send a failed callback again")
-    retry.add_argument("message_id", nargs="?")
-    retry.add_argument("--all-failed", action="store_true")
+    retry.add_argument("message_id", nargs="?", help="the message whose callback to send")
+    retry.add_argument("--all-failed", action="store_true",
+                       help="every callback that failed for good")
     retry.set_defaults(func=cmd_deliveries_retry)
     purge = verbs.add_parser("purge", help="forget finished callbacks")
-    purge.add_argument("--older-than", required=True, type=duration_argument, metavar="AGE")
+    purge.add_argument("--older-than", required=True, type=duration_argument, metavar="AGE",
+                       help="finished this long ago: 7d, 12h, 30m (a bare number is seconds)")
     purge.set_defaults(func=cmd_deliveries_purge)
+    drop = verbs.add_parser("drop", help="forget a callback that is still waiting to be sent "
+                                         "(one left from async mode, say)")
+    drop.add_argument("message_id", nargs="?", help="the message whose callback to drop")
+    drop.add_argument("--all-pending", action="store_true",
+                      help="every callback not yet delivered or failed")
+    drop.set_defaults(func=cmd_deliveries_drop)
     return parser
 
 
@@ -6122,10 +6180,9 @@ def vault_name(name):
 def cmd_vault_set(args):
     raw = read_secret_value(args)
     value = raw.strip()
-    if value != raw:
-        print("aibutler: note: removed surrounding whitespace/newlines from the value "
-              "(HTTP strips them from header values, so they could never match)",
-              file=sys.stderr)
+    if value != raw.rstrip("\r\n"):  # a pipe's one ending newline is no news
+        print("aibutler: note: removed spaces or blank lines around the value (a secret or "
+              "API key never has them)", file=sys.stderr)
     if not value:
         return fail("refusing to store an empty value")
     if has_control_characters(value):
@@ -6206,6 +6263,17 @@ def cmd_deliveries_retry(args):
         return fail(f"no pending or failed delivery {args.message_id}")
     print(f"aibutler: {count} delivery(ies) queued again; a running daemon sends them "
           "within a second", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_deliveries_drop(args):
+    if bool(args.message_id) == bool(args.all_pending):
+        return fail("give a message id or --all-pending", EXIT_USAGE)
+    count = open_store(data_dir_from_env()).drop_deliveries(args.message_id)
+    if args.message_id and not count:
+        return fail(f"no pending delivery {args.message_id}")
+    print(f"aibutler: dropped {count} pending delivery(ies); they will not be sent",
+          file=sys.stderr)
     return EXIT_OK
 
 

@@ -33,7 +33,10 @@ def test_help_version_and_usage_exit_codes(daemon):
 def test_vault_set_get_list_delete(daemon):
     d = daemon(secret=None)
     result = d.cli("vault", "set", "openai_api_key", input="sk-test-123\n")
-    assert "removed surrounding whitespace" in result.stderr
+    assert result.stderr.startswith("aibutler: stored")  # a pipe's newline is no news
+    assert d.cli("vault", "get", "openai_api_key").stdout == "sk-test-123\n"
+    result = d.cli("vault", "set", "openai_api_key", input="  sk-test-123 \n\n")
+    assert "removed spaces or blank lines around the value" in result.stderr
     assert d.cli("vault", "get", "openai_api_key").stdout == "sk-test-123\n"
     vault_file = d.data / "vault.json"
     assert stat.S_IMODE(vault_file.stat().st_mode) == 0o600
