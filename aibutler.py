@@ -44,10 +44,12 @@ import random
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -5941,6 +5943,384 @@ def pending_output(server):
                for channel in list(server._map.values()))
 
 
+# === Install and self-check: `install`, `uninstall`, `check` =================
+#
+# Offers: self_check() (one line per check, exit 0 only when none fails) and
+# Installer (the systemd steps of the README, done by the program itself). Uses
+# everything above; takes no lock of the daemon's. The unit is UNIT_TEXT, the
+# repository's aibutler.service (tests/test_install.py holds them equal).
+
+UNIT_TEXT = """# aibutler as a systemd service, as `sudo python3 aibutler.py install` writes it
+# to /etc/systemd/system/aibutler.service (the same text: a test holds them equal).
+[Unit]
+Description=aibutler webhook daemon (POST JSON, get an AI agent's reply)
+Documentation=file:/opt/aibutler/README.md
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+# Run as a module so Python loads the byte code that `python3 -m compileall
+# /opt/aibutler` made at install: compiling the file at every start costs a Pi
+# about 6 MB of memory for good (and works anyway when the .pyc is missing).
+ExecStart=/usr/bin/python3 -m aibutler run --config /etc/aibutler/config.ini
+ExecReload=/bin/kill -HUP $MAINPID
+SyslogIdentifier=aibutler
+Environment=PYTHONPATH=/opt/aibutler AIBUTLER_DATA=/var/lib/aibutler PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# Optional: keep the secret outside the state directory, readable only by this
+# service (systemd-creds encrypt makes it encrypted at rest):
+#LoadCredential=webhook_auth_secret:/etc/aibutler/webhook_auth_secret
+Restart=on-failure
+RestartSec=2
+# Exits a restart cannot cure, so systemd does not loop on them: 78 = bad
+# configuration, 69 = the port is taken, and systemd's own failures to set the
+# process up (200 CHDIR, 203 EXEC: no python3, 216 GROUP, 217 USER, 218
+# CAPABILITIES, 226 NAMESPACE: a kernel without the sandboxing asked for).
+RestartPreventExitStatus=78 69 200 203 216 217 218 226
+WatchdogSec=30
+TimeoutStopSec=30
+
+# A dynamic, unprivileged user owning only /var/lib/aibutler.
+DynamicUser=yes
+StateDirectory=aibutler
+StateDirectoryMode=0700
+ConfigurationDirectory=aibutler
+UMask=0077
+
+# Hardening: it needs to bind its port, reach model servers and callback URLs
+# over IP, and write its state directory; nothing else.
+CapabilityBoundingSet=
+AmbientCapabilities=
+NoNewPrivileges=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateUsers=yes
+ProtectSystem=strict
+ProtectHome=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+DevicePolicy=closed
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=multi-user.target
+"""
+UNIT_PATH = "/etc/systemd/system/aibutler.service"
+SERVICE_DATA = "/var/lib/aibutler"  # StateDirectory=, where DynamicUser's files live
+SERVICE_PYTHON = "/usr/bin/python3"  # the interpreter ExecStart= runs
+DEFAULT_PREFIX, DEFAULT_CONFIG = "/opt/aibutler", "/etc/aibutler/config.ini"
+APT_LINE = "sudo apt install python3-falcon python3-waitress"
+READY_WITHIN = 60.0  # seconds install waits for the service's READY=1
+CLOCK_EARLIEST = 1767225600  # 2026-01-01: a clock before it was never set (a Pi has no RTC)
+DISK_LOW, DISK_FULL = 100 << 20, 10 << 20  # bytes free in the data directory: warn, fail
+CHECK_TIMEOUT = 10.0  # seconds for each network check (the model's answer included)
+
+
+def render_unit(prefix=DEFAULT_PREFIX, config=DEFAULT_CONFIG):
+    return UNIT_TEXT.replace(DEFAULT_CONFIG, config).replace(DEFAULT_PREFIX, prefix)
+
+
+def example_config():
+    """config.ini as install writes it: every key with its default, commented
+    out (config.example.ini in the repository explains each)."""
+    lines = ["# aibutler configuration: uncomment and change what you need, then",
+             "# `sudo systemctl reload aibutler`. Every key is shown with its default;",
+             "# the README and config.example.ini explain each.", ""]
+    for section, keys in CONFIG_SCHEMA.items():
+        lines.append(f"[{section}]")
+        lines += [f"#{key} = " + " ".join(default.split()) for key, (default, _) in keys.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def self_check(config_path, env, write):
+    """`check`: what `run` needs, without serving. Returns the exit code."""
+    levels = []
+
+    def report(level, what, detail):
+        levels.append(level)
+        write(f"{level:<4} {what}: {detail}")
+    try:
+        config = load_config(config_path, env)
+    except ConfigError as exc:
+        report("fail", "config", str(exc))
+        return EXIT_CONFIG
+    report("ok", "config", config.source or "no file: the built-in defaults")
+    data_dir = data_dir_from_env(env)
+    check_data_dir(data_dir, report)
+    vault = open_vault(env)
+    check_secrets(config, vault, data_dir, env, report)
+    check_port(config.server, report)
+    check_model(config, vault, report)
+    if config.async_mode:
+        check_reachable("callbacks", config.webhook.outbound_url, report)
+    if config.channel_active("twilio"):
+        check_reachable("twilio", config.twilio.api_base, report)
+    now = time.time()
+    if now < CLOCK_EARLIEST:
+        report("fail", "clock", f"it says {iso_utc(now)}; signed requests and callbacks carry "
+                                "timestamps: set the time (sudo timedatectl set-ntp true)")
+    else:
+        report("ok", "clock", iso_utc(now))
+    check_disk(data_dir, report)
+    return EXIT_FAILURE if "fail" in levels else EXIT_OK
+
+
+def check_data_dir(data_dir, report):
+    if not os.path.lexists(data_dir):
+        report("ok", "data", f"{data_dir} does not exist yet; the first start makes it")
+        return
+    info = os.stat(data_dir)
+    if not stat.S_ISDIR(info.st_mode):
+        report("fail", "data", f"{data_dir} is not a directory; move it aside")
+    elif stat.S_IMODE(info.st_mode) & 0o077:
+        report("warn", "data", f"{data_dir} can be read or written by other users; fix it "
+                               f"with: chmod 700 {data_dir}")
+    elif info.st_uid not in (os.geteuid(), 0) and os.geteuid() != 0:
+        report("fail", "data", f"{data_dir} belongs to user {info.st_uid}, not to you; run "
+                               "check as that user (or with sudo)")
+    else:
+        report("ok", "data", f"{data_dir} (owner {info.st_uid}, mode "
+                             f"{stat.S_IMODE(info.st_mode):o})")
+
+
+def check_secrets(config, vault, data_dir, env, report):
+    source = vault.source(SECRET_NAME)
+    report("ok" if source else "warn", "secret",
+           f"{SECRET_NAME} from the {source}" if source else
+           f"no {SECRET_NAME} yet: the first start generates one")
+    agent = config.agent
+    if agent.provider != "builtin":
+        name = agent.api_key_name or {"openai": "openai_api_key",
+                                      "anthropic": "anthropic_api_key"}[agent.provider]
+        if vault.source(name):
+            report("ok", "model key", f"{name} from the {vault.source(name)}")
+        else:
+            report("fail" if agent.provider == "anthropic" else "warn", "model key",
+                   f"no {name} (a local server such as Ollama needs none); store it with: "
+                   + command_hint(data_dir, "vault", "set", name, env=env))
+    try:
+        check_channel_secrets(config, vault, data_dir, env)
+    except ConfigError as exc:
+        report("fail", "channels", str(exc))
+
+
+def check_port(server, report):
+    where = f"{server.host}:{server.port}"
+    try:
+        family = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((server.host, server.port))
+        report("ok", "port", f"{where} is free")
+        return
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            report("fail", "port", f"cannot listen on {where}: {one_line(exc)}")
+            return
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    try:
+        status, _, body = http_get(f"http://{host}:{server.port}/healthz", {}, CHECK_TIMEOUT)
+        running = status == 200 and json.loads(body).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        running = False
+    report("ok" if running else "fail", "port",
+           f"{where} is held by the running aibutler" if running else
+           f"{where} is taken by another program: free it or set [server] port")
+
+
+def check_model(config, vault, report):
+    agent = config.agent
+    if agent.provider == "builtin":
+        report("ok", "model", "builtin (offline, no language model)")
+        return
+    quick = types.SimpleNamespace(**dict(vars(agent), timeout=min(agent.timeout,
+                                                                  CHECK_TIMEOUT)))
+    model = build_model(quick, vault)
+    model.MAX_ATTEMPTS = 1
+    try:
+        model.complete("Answer with one word.", [{"role": "user", "content": "ping"}], [])
+    except ApiError as exc:
+        report("fail", "model", exc.description)
+        return
+    report("ok", "model", f"{agent.provider} model {model.model} at {url_host(model.base_url)} "
+                          "answered")
+
+
+def check_reachable(what, url, report):
+    """A connection (and TLS handshake) to the URL's host; nothing is sent."""
+    import ssl  # only here: the HTTP client itself leaves TLS to urllib
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=CHECK_TIMEOUT) as sock:
+            if parts.scheme == "https":
+                ssl.create_default_context().wrap_socket(
+                    sock, server_hostname=parts.hostname).close()
+    except (OSError, ssl.SSLError) as exc:
+        report("fail", what, f"cannot reach {url_host(url)}: {network_reason(exc)}")
+        return
+    report("ok", what, f"{url_host(url)} is reachable")
+
+
+def check_disk(data_dir, report):
+    where = data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir) or "/"
+    try:
+        free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
+    except OSError as exc:
+        report("warn", "disk", f"cannot tell the free space of {where}: {one_line(exc)}")
+        return
+    level = "fail" if free < DISK_FULL else "warn" if free < DISK_LOW else "ok"
+    report(level, "disk", f"{free >> 20} MiB free in {where}"
+           + ("" if level == "ok" else ": make room, the database needs it"))
+
+
+class Installer:
+    """The README's systemd steps, done by the program on itself: every step is
+    printed (and, with dry_run, only printed); `run(argv)` runs a command."""
+
+    def __init__(self, prefix, config, dry_run, write, run):
+        self.prefix, self.config, self.dry_run = prefix, config, dry_run
+        self.write, self.run = write, run
+        self.program = os.path.join(prefix, "aibutler.py")
+
+    def step(self, text, action=None):
+        self.write(("would " if self.dry_run else "") + text)
+        if action is not None and not self.dry_run:
+            action()
+
+    def command(self, *argv):
+        self.step("run: " + " ".join(argv), lambda: self.run(list(argv), check=True))
+
+    def prerequisites(self):
+        """None when the unit can run here, else why not (and what to do)."""
+        if os.geteuid() != 0 and not self.dry_run:
+            return "install needs root: run it with sudo"
+        if not (os.path.isdir("/run/systemd/system") and shutil.which("systemctl")):
+            return "systemd is not running here; start it by hand with `python3 aibutler.py run`"
+        probe = ("import sys, falcon, waitress; "
+                 "sys.exit(0 if sys.version_info >= (3, 9) else 'Python 3.9 or newer is needed')")
+        try:
+            result = self.run([SERVICE_PYTHON, "-c", probe], capture_output=True, text=True)
+        except OSError:
+            return f"{SERVICE_PYTHON} is missing: sudo apt install python3"
+        if result.returncode != 0:
+            why = (result.stderr.strip().splitlines() or ["?"])[-1]
+            return f"{SERVICE_PYTHON} cannot run aibutler ({why}); install what it needs with: " \
+                   + APT_LINE
+        return None
+
+    def install(self):
+        problem = self.prerequisites()
+        if problem and not self.dry_run:
+            return fail(problem)
+        if problem:
+            self.write(f"would stop here: {problem}; the steps after it would be:")
+        upgrade = os.path.exists(UNIT_PATH)
+        source = os.path.abspath(__file__)
+        if os.path.abspath(self.program) != source:
+            self.step(f"copy {source} to {self.program}",
+                      lambda: self._write(self.program, open(source, "rb").read(), 0o644))
+        self.command(SERVICE_PYTHON, "-m", "compileall", "-q", self.prefix)
+        readme = os.path.join(os.path.dirname(source), "README.md")
+        self.step(f"write {os.path.join(self.prefix, 'README.md')} (the unit's Documentation=)",
+                  lambda: self._write(os.path.join(self.prefix, "README.md"),
+                                      open(readme, "rb").read() if os.path.isfile(readme)
+                                      else (__doc__ or "").encode(), 0o644))
+        self.step(f"write {UNIT_PATH}", lambda: self._write(
+            UNIT_PATH, render_unit(self.prefix, self.config).encode(), 0o644))
+        if os.path.exists(self.config):
+            self.step(f"keep {self.config} as it is")
+        else:
+            self.step(f"write {self.config} (every key, commented out)", lambda: self._write(
+                self.config, example_config().encode(), 0o644))
+        self.command("systemctl", "daemon-reload")
+        self.command("systemctl", "enable", "aibutler")
+        self.command("systemctl", "restart" if upgrade else "start", "aibutler")
+        if self.dry_run:
+            return EXIT_FAILURE if problem else EXIT_OK
+        if not self.wait_ready():
+            return fail("the service did not start; see: journalctl -u aibutler -n 50")
+        config = load_config(self.config, {})
+        host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
+        self.write(f"\naibutler {'upgraded' if upgrade else 'installed'} and running: "
+                   f"http://{host}:{config.server.port}{config.webhook.path}")
+        self.write(f"Print the secret senders need with:\n  sudo AIBUTLER_DATA={SERVICE_DATA} "
+                   f"python3 {self.program} vault get {SECRET_NAME}\n")
+        return self_check(self.config, {"AIBUTLER_DATA": SERVICE_DATA}, self.write)
+
+    def wait_ready(self):
+        """Type=notify: active only once the daemon said READY=1."""
+        deadline = time.monotonic() + READY_WITHIN
+        while time.monotonic() < deadline:
+            state = self.run(["systemctl", "is-active", "aibutler"], capture_output=True,
+                             text=True).stdout.strip()
+            if state == "active":
+                return True
+            if state == "failed":
+                return False
+            time.sleep(0.2)
+        return False
+
+    def uninstall(self, purge):
+        if os.geteuid() != 0 and not self.dry_run:
+            return fail("uninstall needs root: run it with sudo")
+        if os.path.exists(UNIT_PATH):
+            self.command("systemctl", "disable", "--now", "aibutler")
+            self.step(f"remove {UNIT_PATH}", lambda: os.unlink(UNIT_PATH))
+            self.command("systemctl", "daemon-reload")
+        for name in ("aibutler.py", "README.md", "__pycache__"):
+            path = os.path.join(self.prefix, name)
+            if os.path.lexists(path):
+                self.step(f"remove {path}", lambda path=path: remove_tree(path))
+        if os.path.isdir(self.prefix) and not self.dry_run and not os.listdir(self.prefix):
+            os.rmdir(self.prefix)
+        kept = [SERVICE_DATA, self.config]
+        if purge:
+            for path in (SERVICE_DATA, "/var/lib/private/aibutler", self.config):
+                if os.path.lexists(path):
+                    self.step(f"remove {path}", lambda path=path: remove_tree(path))
+            kept = []
+        self.write(f"aibutler {'would be' if self.dry_run else 'is'} uninstalled" + (f"; kept {' and '.join(kept)} (--purge removes "
+                                                "them)" if kept else ""))
+        return EXIT_OK
+
+    @staticmethod
+    def _write(path, data, mode):
+        """Whole or not at all: a new file in the same directory, then renamed."""
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        temporary = f"{path}.{secrets.token_hex(4)}.new"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            os.fchmod(handle.fileno(), mode)
+        os.replace(temporary, path)
+
+
+def remove_tree(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
 # === Command line ===========================================================
 
 def build_parser():
@@ -5966,6 +6346,32 @@ def build_parser():
     run.add_argument("--host", help="address to listen on (overrides [server] host)")
     run.add_argument("--port", type=port_argument, help="port to listen on, 0 for any free one")
     run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser(
+        "check", help="check the config, files, secrets, port, model and network, "
+                      "without serving",
+        description="One line per check: ok, warn, or fail with what to do. Exit 0 when "
+                    "nothing fails. Under the service: sudo AIBUTLER_DATA=/var/lib/aibutler "
+                    "python3 /opt/aibutler/aibutler.py check --config /etc/aibutler/config.ini")
+    check.add_argument("--config", metavar="FILE", help="as for run")
+    check.set_defaults(func=cmd_check)
+
+    for verb, text in (("install", "install or upgrade the systemd service (as root)"),
+                       ("uninstall", "stop and remove the systemd service (as root)")):
+        command = commands.add_parser(verb, help=text, description=text + ": every step is "
+                                      "printed; the data and config stay unless --purge.")
+        command.add_argument("--prefix", default=DEFAULT_PREFIX, metavar="DIR",
+                             help=f"where the program goes (default {DEFAULT_PREFIX})")
+        command.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                             help=f"the service's config file (default {DEFAULT_CONFIG}; "
+                                  "install writes one only if it is missing)")
+        command.add_argument("--dry-run", action="store_true",
+                             help="print every step, change nothing")
+        if verb == "uninstall":
+            command.add_argument("--purge", action="store_true",
+                                 help=f"also remove {SERVICE_DATA} (the vault, the database) "
+                                      "and the config file")
+        command.set_defaults(func=cmd_install if verb == "install" else cmd_uninstall)
 
     vault = commands.add_parser("vault", help="manage secrets (webhook_auth_secret, API keys)")
     verbs = vault.add_subparsers(dest="verb", metavar="VERB")
@@ -6264,6 +6670,23 @@ def cmd_deliveries_retry(args):
     print(f"aibutler: {count} delivery(ies) queued again; a running daemon sends them "
           "within a second", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_check(args):
+    return self_check(args.config, dict(os.environ), print)
+
+
+def installer(args):
+    return Installer(os.path.abspath(args.prefix), os.path.abspath(args.config), args.dry_run,
+                     print, subprocess.run)
+
+
+def cmd_install(args):
+    return installer(args).install()
+
+
+def cmd_uninstall(args):
+    return installer(args).uninstall(args.purge)
 
 
 def cmd_deliveries_drop(args):
