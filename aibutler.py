@@ -40,6 +40,7 @@ import logging
 import math
 import operator
 import os
+import queue
 import random
 import re
 import secrets
@@ -77,8 +78,11 @@ def load_web_stack():
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 EXIT_CANNOT_LISTEN = 69  # the port is taken: the unit's RestartPreventExitStatus= lists it
+USER_ID_MAX, SESSION_ID_MAX, ATTACHMENTS_MAX = 256, 128, 20  # what a message may carry
 
 SECRET_NAME = "webhook_auth_secret"
+TOKEN_SECRET_NAME = "webhook_token_secret"  # signs per-user tokens (JWT, HS256)
+ROTATED = (SECRET_NAME, TOKEN_SECRET_NAME)  # `vault rotate` keeps the old one for a grace
 OUTBOUND_SECRET_NAME = "webhook_outbound_secret"  # callbacks' auth, when set (else SECRET_NAME)
 # Each channel's users are its own: a channel other than the webhook prefixes
 # its users' ids with its name and this, which no webhook user_id may contain.
@@ -324,6 +328,58 @@ def http_request(method, url, body, headers, timeout):
         raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
     except (ValueError, UnicodeError) as exc:  # e.g. a header value: its text holds a secret
         raise ConnectionError(f"cannot send the request ({type(exc).__name__})") from None
+
+
+@contextlib.contextmanager
+def http_stream(url, body, headers, timeout):
+    """POST, and the answer as it arrives: yields (status, headers, response,
+    body) where, for a 2xx, `response` is read as it comes (its readline()
+    keeps to the same total deadline) and body is None; for any other status
+    response is None and body the whole error body. Raises as http_request."""
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    opener = urllib.request.build_opener(_NoRedirect, *_deadline_handlers(
+        time.monotonic() + timeout))
+    try:
+        response = opener.open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            error = exc.code, exc.headers, None, whole_body(exc)
+        yield error
+        return
+    except http.client.HTTPException as exc:
+        raise ConnectionError(f"broken HTTP answer ({type(exc).__name__})") from None
+    except (ValueError, UnicodeError) as exc:
+        raise ConnectionError(f"cannot send the request ({type(exc).__name__})") from None
+    with response:
+        try:
+            yield response.status, response.headers, response, None
+        except http.client.HTTPException as exc:  # a chunked stream cut off
+            raise ConnectionError(f"the stream broke off ({type(exc).__name__})") from None
+
+
+SSE_LINE_MAX = 1 << 20  # bytes of one line of a server-sent event stream
+
+
+def sse_events(response):
+    """(event, data) of each server-sent event (the W3C format: data: lines
+    joined by newlines, event: its name, default "message"; comments skipped)."""
+    event, data = "message", []
+    while True:
+        line = response.readline(SSE_LINE_MAX)
+        if not line:
+            return
+        line = line.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            event = value
 
 
 def whole_body(response):
@@ -1070,6 +1126,19 @@ def parse_networks(text):
             for part in str(text).split(",") if part.strip()]
 
 
+def parse_origins(text):
+    """Web origins (scheme://host[:port], comma-separated) whose pages may call."""
+    origins = []
+    for origin in parse_names(text):
+        parts = urllib.parse.urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path \
+                or parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError(f"{origin!r} is not an origin like https://chat.example.com "
+                             "(a scheme and a host, an optional port, nothing after)")
+        origins.append(origin.lower())
+    return origins
+
+
 def parse_names(text):
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
@@ -1135,6 +1204,8 @@ CONFIG_SCHEMA = {
         "previous_secret_grace": ("24h", parse_duration),
         "reply_wait": ("0", parse_duration),
         "max_wait": ("25s", parse_duration),
+        "allowed_origins": ("", parse_origins),
+        "chat_page": ("false", parse_bool),
     },
     "channels.twilio": {
         "path": ("/webhook/twilio", parse_path),
@@ -1346,7 +1417,9 @@ def check_channels(config, origin):
                                   f"[channels] active, and {why}")
 
 
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")  # create_app adds them
+# create_app adds them (the chat page's when it is on)
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/chat", "/chat.js",
+                  "/chat.css")
 
 
 # === Vault ==================================================================
@@ -1514,28 +1587,97 @@ class Vault:
             os.close(dir_fd)
 
 
-def ensure_webhook_secret(vault):
+def ensure_webhook_secret(vault, name=SECRET_NAME):
     """No configuration ever means "open": generate a secret when none is set."""
-    if vault.get(SECRET_NAME):
+    if vault.get(name):
         return False
-    vault.set(SECRET_NAME, secrets.token_hex(32))
+    vault.set(name, secrets.token_hex(32))
     return True
 
 
-def accepted_secrets(vault, grace, now=None):
-    """The current webhook secret, plus the previous one while its rotation grace lasts."""
-    current = vault.get(SECRET_NAME)
+def accepted_secrets(vault, grace, now=None, name=SECRET_NAME):
+    """A rotated secret's current value, plus the previous one while its
+    rotation grace lasts (the webhook secret, the token key)."""
+    current = vault.get(name)
     found = [current] if current else []
-    previous = vault.get(SECRET_NAME + "_previous")
-    rotated_at = vault.get(SECRET_NAME + "_rotated_at")
+    previous = vault.get(name + "_previous")
+    rotated_at = vault.get(name + "_rotated_at")
     if previous and rotated_at:
         try:
             if (now or time.time()) < float(rotated_at) + grace:
                 found.append(previous)
         except ValueError:
-            log.warning("vault: %s_rotated_at is not a number; previous secret ignored",
-                        SECRET_NAME)
+            log.warning("vault: %s_rotated_at is not a number; previous secret ignored", name)
     return found
+
+
+class TokenError(Exception):
+    """A bearer token that cannot be used; the message says which way."""
+
+
+TOKEN_LEEWAY = 30  # seconds of clock difference allowed on exp, nbf and iat
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text):
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def mint_token(key, sub, ttl, now=None):
+    """A JWT (RFC 7519) signed with HS256, as the site's backend would mint it:
+    {sub, iat, exp}, keyed with the UTF-8 bytes of `key`."""
+    now = int(time.time() if now is None else now)
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    claims = b64url(json.dumps({"sub": sub, "iat": now, "exp": now + int(ttl)},
+                               separators=(",", ":")).encode())
+    signature = hmac.new(key.encode(), f"{header}.{claims}".encode(), hashlib.sha256).digest()
+    return f"{header}.{claims}.{b64url(signature)}"
+
+
+def verify_token(token, keys, now):
+    """The user a token lets its holder act as (its sub), or TokenError: alg
+    must be HS256 (never none), the signature one of `keys`' (constant time),
+    exp present and not past, nbf and iat (when present) not in the future."""
+    try:
+        header_text, claims_text, signature_text = token.split(".")
+        header = json.loads(b64url_decode(header_text))
+        signature = b64url_decode(signature_text)
+    except ValueError:
+        raise TokenError("malformed token: not a JWT (three base64url parts, a JSON "
+                         "header)") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        alg = header.get("alg") if isinstance(header, dict) else None
+        raise TokenError(f"the token's alg is {alg!r}; only HS256 is accepted")
+    signed = f"{header_text}.{claims_text}".encode()
+    if not any(hmac.compare_digest(hmac.new(key.encode(), signed, hashlib.sha256).digest(),
+                                   signature) for key in keys):
+        raise TokenError("bad signature (signed with another key, or altered)")
+    try:
+        claims = json.loads(b64url_decode(claims_text))
+    except ValueError:
+        raise TokenError("malformed token: its claims are not JSON") from None
+    if not isinstance(claims, dict):
+        raise TokenError("malformed token: its claims are not a JSON object")
+    number = lambda name: (isinstance(claims.get(name), (int, float))  # noqa: E731
+                           and not isinstance(claims[name], bool))
+    if not number("exp"):
+        raise TokenError("the token has no exp claim (a number: when it expires)")
+    if now > claims["exp"] + TOKEN_LEEWAY:
+        raise TokenError(f"the token expired at {iso_utc(claims['exp'])}")
+    for name, what in (("nbf", "is not valid before"), ("iat", "was issued at")):
+        if name in claims and (not number(name) or claims[name] > now + TOKEN_LEEWAY):
+            raise TokenError(f"the token {what} {iso_utc(claims.get(name))}: not yet valid "
+                             "(or the clocks differ)")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub.strip() or len(sub) > USER_ID_MAX \
+            or has_control_characters(sub):
+        raise TokenError(f"the token's sub must be a user_id (1 to {USER_ID_MAX} characters)")
+    return sub
 
 
 def check_channel_secrets(config, vault, data_dir, env):
@@ -2382,11 +2524,12 @@ class ModelReply:
         "context": "the conversation no longer fits the model's context window (raising "
                    "max_tokens will not help); start a new session"}
 
-    def __init__(self, text="", tool_calls=(), cut=None, echo=None):
+    def __init__(self, text="", tool_calls=(), cut=None, echo=None, refused=False):
         self.text = text or ""
         self.tool_calls = list(tool_calls)
         self.cut = cut
         self.echo = echo or {}
+        self.refused = refused  # Anthropic: the turn must not go back to the model
 
     @property
     def truncated(self):
@@ -2447,7 +2590,14 @@ class BuiltinModel:
     QUESTION = re.compile(r"\?\s*$|^\s*(what|where|when|who|which|why|how|do|does|did|is|"
                           r"are|was|were|can|could|tell me|remind me)\b", re.I)
 
-    def complete(self, system, messages, tools):
+    def complete(self, system, messages, tools, on_text=None):
+        """The reply decided by rules; with on_text, given to it word by word."""
+        reply = self._decide(messages, tools)
+        for word in re.findall(r"\S+\s*", reply.text) if on_text else ():
+            on_text(word)
+        return reply
+
+    def _decide(self, messages, tools):
         last = messages[-1]
         if last["role"] == "tool":
             return ModelReply(self._answer_from_tools(messages))
@@ -2569,6 +2719,20 @@ class BuiltinModel:
         return f"It's currently {said} {joined} {weather['condition']} {where}."
 
 
+class TextOut:
+    """on_text for one model call, remembering whether any text went out: a
+    stream that breaks after that cannot be tried again (the sender saw it)."""
+
+    def __init__(self, on_text):
+        self.on_text = on_text
+        self.sent = False
+
+    def __call__(self, piece):
+        if piece:
+            self.sent = True
+            self.on_text(piece)
+
+
 class HTTPModel:
     """Shared plumbing of the HTTP providers: key lookup, deadline, retries and
     the mapping of every failure to the status the sender sees, with the
@@ -2618,16 +2782,53 @@ class HTTPModel:
         Network failures, 408, 429, 5xx and a 200 whose body is an error with
         such a code are retried (as the official SDKs do), honouring the
         server's Retry-After, within [agent] timeout in all."""
+        data, headers = self._request(payload, headers)
+
+        def attempt(remaining):
+            status, answer_headers, body = http_post(url, data, headers, remaining)
+            return status, answer_headers, self._answer(url, status, answer_headers, body)
+        return self._with_retries(url, attempt)
+
+    def stream(self, url, payload, headers, read_events, out):
+        """post() with "stream": true: read_events(events) turns the server-sent
+        events into the ModelReply. Retried as post() is while no text went out
+        (read_events raises once some did); a server that answers with plain
+        JSON anyway gives that JSON, as post() would."""
+        data, headers = self._request(dict(payload, stream=True), headers)
+
+        def attempt(remaining):
+            with http_stream(url, data, headers, remaining) as (status, answer_headers,
+                                                                 response, body):
+                kind = (answer_headers.get("Content-Type") or "").lower()
+                if response is not None and "text/event-stream" in kind:
+                    try:
+                        return status, answer_headers, read_events(sse_events(response))
+                    except OSError as exc:
+                        if not out.sent:
+                            raise  # nothing went out yet: tried again
+                        raise ApiError(502, f"the {self.name} model server's stream broke off "
+                                            f"after the reply began: {network_reason(exc)}"
+                                       ) from None
+                if response is not None:
+                    body = whole_body(response)
+                return status, answer_headers, self._answer(url, status, answer_headers, body)
+        return self._with_retries(url, attempt)
+
+    def _request(self, payload, headers):
+        return json.dumps(payload).encode(), dict(headers, **{
+            "Content-Type": "application/json", "User-Agent": USER_AGENT})
+
+    def _with_retries(self, url, attempt):
+        """attempt(seconds left) -> (status, headers, answer or the ApiError
+        it amounts to), until an answer, a failure not worth retrying, or the
+        deadline."""
         deadline = self.clock() + self.agent.timeout
-        data = json.dumps(payload).encode()
-        headers = dict(headers, **{"Content-Type": "application/json", "User-Agent": USER_AGENT})
-        for attempt in range(1, self.MAX_ATTEMPTS + 1):
+        for number in range(1, self.MAX_ATTEMPTS + 1):
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise self._timeout()
             try:
-                status, answer_headers, body = http_post(url, data, headers, remaining)
-                answer = self._answer(url, status, answer_headers, body)
+                status, answer_headers, answer = attempt(remaining)
             except OSError as exc:  # no whole answer: refused, reset, cut short
                 if is_timeout(exc):
                     raise self._timeout() from None
@@ -2641,9 +2842,9 @@ class HTTPModel:
                 raise answer
             wait = retry_after_seconds(answer_headers)
             if wait is None:
-                wait = self.BACKOFF * 2 ** (attempt - 1)
-            if attempt == self.MAX_ATTEMPTS or self.clock() + wait >= deadline:
-                raise self._gave_up(status, answer, attempt, wait)
+                wait = self.BACKOFF * 2 ** (number - 1)
+            if number == self.MAX_ATTEMPTS or self.clock() + wait >= deadline:
+                raise self._gave_up(status, answer, number, wait)
             self.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -2656,7 +2857,7 @@ class HTTPModel:
                                  f"redirect (HTTP {status}) to "
                                  f"{url_without_query(headers.get('Location') or '?')}; "
                                  "check [agent] base_url")
-        if status in (401, 403):
+        if status == 401 or (status == 403 and not self.refused_for_content(body)):
             log.warning("agent: the %s provider rejected the API key; store a valid one "
                         "with: %s", self.name, command_hint(
                             os.path.dirname(self.vault.path), "vault", "set", self.key_name))
@@ -2676,17 +2877,25 @@ class HTTPModel:
             return ApiError(502, f"the {self.name} model server at {shown} answered with "
                                  f"{kind or 'something'} that is not JSON (a captive portal, "
                                  "or another service?); check [agent] base_url")
-        error = answer.get("error") if isinstance(answer, dict) else None
-        if error and not (answer.get("choices") or answer.get("content")):
-            code = error.get("code") if isinstance(error, dict) else None
-            failed = ApiError(502, f"the {self.name} model server reported an error: "
-                                   f"{provider_message(body)}")
-            failed.upstream = int(code) if str(code).isdigit() else None
-            return failed
-        return answer
+        error, when = answer_error(answer)
+        if error is None:
+            return answer
+        code = error.get("code") if isinstance(error, dict) else None
+        message = provider_message(json.dumps({"error": error}))
+        failed = ApiError(502, f"the {self.name} model server {when}: {message}"
+                               + (self.not_found_hint() if "endpoint" in message.lower() else ""))
+        failed.upstream = int(code) if str(code).isdigit() else None  # retried like that status
+        return failed
 
     def not_found_hint(self):
         return "; check [agent] base_url and model"
+
+    @staticmethod
+    def refused_for_content(body):
+        """A 403 about the request, not the key (OpenRouter's moderation and
+        guardrails): passed on with the provider's words."""
+        return any(word in provider_message(body).lower()
+                   for word in ("moderation", "flagged", "guardrail", "policy"))
 
     def _gave_up(self, status, failed, attempts, wait):
         status = getattr(failed, "upstream", None) or status
@@ -2704,6 +2913,22 @@ class HTTPModel:
 
 
 PROVIDER_MESSAGE_MAX = 300  # characters of a model server's error passed on
+
+
+def answer_error(answer):
+    """(the error, how it came) of a 200 that is a failure: a body that is an
+    error ({"error": ...}: OpenRouter, LM Studio), or a choice that failed while
+    it was written (OpenRouter: choices[0].error, finish_reason "error", the
+    error also at the top); else (None, None)."""
+    if not isinstance(answer, dict):
+        return None, None
+    choices = answer.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if isinstance(choice, dict) and (choice.get("error") or choice.get("finish_reason") == "error"):
+        return choice.get("error") or answer.get("error") or {}, "failed while writing the reply"
+    if answer.get("error") and not (choices or answer.get("content")):
+        return answer["error"], "reported an error"
+    return None, None
 
 
 def provider_message(body):
@@ -2727,7 +2952,7 @@ def provider_message(body):
     return one_line(text or "")[:PROVIDER_MESSAGE_MAX] or "no details"
 
 
-THINKING = re.compile(r"<think>.*?(</think>|\Z)|\A.*?</think>", re.S)
+THINKING = re.compile(r"<think>.*?(</think>|\Z)", re.S)
 TEXT_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(</tool_call>|\Z)", re.S)
 
 
@@ -2776,7 +3001,7 @@ class OpenAIModel(HTTPModel):
     # Fields of an assistant message that servers require back within the turn:
     # DeepSeek's thinking mode refuses a tool result without its reasoning_content,
     # OpenRouter documents reasoning_details. Others (Groq's `reasoning`) are refused.
-    ECHOED = ("reasoning_content", "reasoning_details")
+    ECHOED = ("reasoning_content", "reasoning_details", "extra_content")
     CALL_ECHOED = ("extra_content",)  # Gemini 3: extra_content.google.thought_signature
 
     def token_limit_key(self):
@@ -2796,7 +3021,8 @@ class OpenAIModel(HTTPModel):
                     f"try [agent] base_url = {self.base_url}/v1")
         return f"; check [agent] base_url and that the server has the model {self.model!r}"
 
-    def complete(self, system, messages, tools):
+    def complete(self, system, messages, tools, on_text=None):
+        """One model call; with on_text, streamed: text goes to on_text as it comes."""
         payload = {"model": self.model, "messages": self._messages(system, messages),
                    self.token_limit_key(): self.agent.max_tokens}
         if self.agent.temperature is not None:
@@ -2809,17 +3035,63 @@ class OpenAIModel(HTTPModel):
         key = self.api_key()
         if key:
             headers["Authorization"] = "Bearer " + key
-        data = self.post(self.base_url + "/chat/completions", payload, headers)
+        url = self.base_url + "/chat/completions"
+        if on_text is None:
+            data = self.post(url, payload, headers)
+        else:
+            out = TextOut(on_text)
+            data = self.stream(url, payload, headers, lambda events: self._read(events, out), out)
+            if isinstance(data, ModelReply):
+                return data
         try:
             choice = data["choices"][0]
-            failed = choice.get("error")
-            if failed or choice.get("finish_reason") == "error":  # OpenRouter, mid-generation
-                raise ApiError(502, "the openai model server failed while writing the reply: "
-                                    + provider_message(json.dumps({"error": failed or {}})))
             return self._reply(choice["message"], choice.get("finish_reason"))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             raise ApiError(502, "the openai model server answered in an unexpected "
                                 "shape (no usable choices[0].message)") from None
+
+    def _read(self, events, out):
+        """A streamed answer: chunks of content (to `out`), of the fields echoed
+        back, and of tool calls (by index: id, name and arguments in pieces),
+        to the finish_reason and [DONE]; an error inside it fails the turn."""
+        message, calls, finish, done = {"content": ""}, {}, None, False
+        for _, data in events:
+            if data.strip() == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = loads_json(data)
+            except (ValueError, RecursionError):
+                raise ApiError(502, "the openai model server sent a stream event that is not "
+                                    "JSON") from None
+            if not isinstance(chunk, dict):
+                continue
+            failed, _ = answer_error(chunk)
+            if failed is None and chunk.get("error"):  # an error event alone
+                failed = chunk["error"]
+            for choice in chunk.get("choices") or ():  # none in a usage chunk
+                delta = choice.get("delta") or {}
+                if isinstance(delta.get("content"), str):
+                    message["content"] += delta["content"]
+                    out(delta["content"])
+                for key in self.ECHOED + ("reasoning",):
+                    if isinstance(delta.get(key), (str, list)):
+                        message[key] = message.get(key, delta[key][:0]) + delta[key]
+                for call in delta.get("tool_calls") or ():
+                    slot = calls.setdefault(call.get("index", len(calls)), {
+                        "function": {"name": "", "arguments": ""}})
+                    slot.update((k, call[k]) for k in ("id",) + self.CALL_ECHOED if call.get(k))
+                    function = call.get("function") or {}
+                    for key in ("name", "arguments"):
+                        slot["function"][key] += function.get(key) or ""
+                finish = choice.get("finish_reason") or finish
+            if failed is not None or finish == "error":  # OpenRouter, mid-generation
+                raise ApiError(502, "the openai model server failed while writing the reply: "
+                                    + provider_message(json.dumps({"error": failed or {}})))
+        if not done and finish is None:
+            raise ApiError(502, "the openai model server's stream ended before the reply did")
+        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+        return self._reply(message, finish)
 
     def _reply(self, message, finish):
         calls = [{"id": c.get("id") or mint_call_id(), "name": str(c["function"]["name"]),
@@ -2884,7 +3156,8 @@ class AnthropicModel(HTTPModel):
     REFUSED = "(the model declined to answer)"
     PAUSES = 3  # pause_turn continuations of one model call (server tools), at most
 
-    def complete(self, system, messages, tools):
+    def complete(self, system, messages, tools, on_text=None):
+        """One model call; with on_text, streamed: text goes to on_text as it comes."""
         payload = {"model": self.model, "system": system, "max_tokens": self.agent.max_tokens,
                    "messages": self._messages(messages)}
         if self.agent.temperature is not None:
@@ -2896,9 +3169,11 @@ class AnthropicModel(HTTPModel):
         key = self.api_key()
         if key:
             headers["x-api-key"] = key
-        blocks = []
+        blocks, url, out = [], self.base_url + "/v1/messages", TextOut(on_text)
         for _ in range(self.PAUSES + 1):
-            data = self.post(self.base_url + "/v1/messages", payload, headers)
+            data = (self.post(url, payload, headers) if on_text is None else
+                    self.stream(url, payload, headers, lambda events: self._read(events, out),
+                                out))
             try:
                 blocks += list(data["content"])
                 stop = data.get("stop_reason")
@@ -2917,9 +3192,48 @@ class AnthropicModel(HTTPModel):
         except (KeyError, TypeError, AttributeError):
             raise ApiError(502, "the anthropic model server answered in an unexpected "
                                 "shape (content blocks)") from None
-        if stop == "refusal":  # partial text before a refusal is not an answer
-            return ModelReply(self.REFUSED)
+        if stop == "refusal":  # text before it was no answer; the turn is not kept
+            return ModelReply(self.REFUSED, refused=True)
         return ModelReply(text, calls, cut=self.CUTS.get(stop))
+
+    def _read(self, events, out):
+        """A streamed answer as the Messages API would have sent it whole: its
+        content blocks (text to `out` as it comes, tool inputs from their JSON
+        pieces) and stop_reason; ping events skipped, an error event fails
+        the turn, and so does a stream without message_stop."""
+        blocks, stop, done = {}, None, False
+        for name, data in events:
+            try:
+                event = loads_json(data)
+            except (ValueError, RecursionError):
+                raise ApiError(502, "the anthropic model server sent a stream event that is "
+                                    "not JSON") from None
+            kind = event.get("type", name) if isinstance(event, dict) else name
+            if kind == "error":
+                raise ApiError(502, "the anthropic model server failed while writing the "
+                                    f"reply: {provider_message(data)}")
+            if kind == "content_block_start":
+                blocks[event["index"]] = dict(event["content_block"], partial="")
+            elif kind == "content_block_delta":
+                block = blocks.setdefault(event["index"], {"type": "text", "partial": ""})
+                delta = event.get("delta") or {}
+                if delta.get("type") == "text_delta":
+                    block["text"] = block.get("text", "") + delta["text"]
+                    out(delta["text"])
+                elif delta.get("type") == "input_json_delta":
+                    block["partial"] += delta.get("partial_json", "")
+            elif kind == "message_delta":
+                stop = (event.get("delta") or {}).get("stop_reason") or stop
+            elif kind == "message_stop":
+                done = True
+        if not done:
+            raise ApiError(502, "the anthropic model server's stream ended before the reply "
+                                "did")
+        for block in blocks.values():
+            partial = block.pop("partial")
+            if block.get("type") == "tool_use" and partial:
+                block["input"] = json.loads(json_arguments(partial))
+        return {"content": [blocks[index] for index in sorted(blocks)], "stop_reason": stop}
 
     def not_found_hint(self):
         return f"; check [agent] base_url (the API's root) and model {self.model!r}"
@@ -2975,6 +3289,59 @@ def render_user_message(request):
     return "\n\n".join(parts)
 
 
+def visible_text(raw, final=False):
+    """What of a step's text the user sees: no <think> nor <tool_call> block
+    (reply_text_and_calls); while it is still being written, not the start of
+    such a tag either."""
+    text = TEXT_TOOL_CALL.sub("", THINKING.sub("", raw))
+    if not final:
+        for tag in ("<think>", "<tool_call>"):
+            for length in range(len(tag) - 1, 0, -1):
+                if text.endswith(tag[:length]):
+                    return text[:-length]
+    return text
+
+
+class ReplyWriter:
+    """The reply as the model writes it: each step's text (without <think> and
+    <tool_call> blocks, stripped), steps joined by a blank line. With `emit`,
+    each new part goes out as a "delta" as it comes, held back while it may
+    still become such a block or is only trailing space: the deltas joined are
+    the reply, exactly."""
+
+    def __init__(self, emit=None):
+        self.emit = emit
+        self.parts = []  # the steps' texts so far
+        self.raw = self.sent = ""  # this step's: as written, and as sent
+
+    def write(self, piece):
+        self.raw += piece
+        shown = visible_text(self.raw).strip()
+        if shown.startswith(self.sent) and len(shown) > len(self.sent):
+            self._send(shown[len(self.sent):])
+
+    def end_step(self, text):
+        """The step's text as the turn keeps it; what did not go out yet does now."""
+        text = text.strip()
+        if self.emit is not None and text.startswith(self.sent):
+            self._send(text[len(self.sent):])
+        if text:
+            self.parts.append(text)
+        self.raw = self.sent = ""
+
+    def _send(self, piece):
+        if not piece or self.emit is None:
+            return
+        if not self.sent and self.parts:
+            self.emit("delta", {"text": "\n\n"})
+        self.sent += piece
+        self.emit("delta", {"text": piece})
+
+    @property
+    def reply(self):
+        return "\n\n".join(self.parts)
+
+
 class Agent:
     """One turn: the model sees the system prompt, the session's history and the
     new message; it may call tools (results go back to it) until it answers or
@@ -3013,10 +3380,12 @@ class Agent:
         return (f"{self.settings.agent.system_prompt}\n\n"
                 f"Current date and time: {now:%A} {now.isoformat(timespec='minutes')}.")
 
-    def run_turn(self, request, session_id, message_id=None):
+    def run_turn(self, request, session_id, message_id=None, emit=None):
         """Returns {"reply", "session_id", "tool_calls"} (and "truncated": true when the
         token limit cut the reply off); raises ApiError. The caller records the
-        exchange (record_exchange) in the transaction that finishes the turn."""
+        exchange (record_exchange) in the transaction that finishes the turn.
+        emit(event, data), when given, hears the turn as it runs: "delta" (pieces
+        of the reply, which joined are the reply), "tool_call", "tool_result"."""
         agent, sessions = self.settings.agent, self.settings.sessions
         metadata = request.get("metadata") or {}
         ctx = ToolContext(request["user_id"], session_id, metadata, self.store, message_id)
@@ -3027,33 +3396,47 @@ class Agent:
         tools = self.tools.offered()
         records = []
         outcome = "error"
-        cut = None
+        cut = refused = None
+        writer = ReplyWriter(emit)
         try:
             for _ in range(agent.max_steps):
                 started = time.monotonic()
                 try:
-                    answer = self.model.complete(system, messages, tools)
+                    answer = self.model.complete(system, messages, tools,
+                                                 writer.write if emit else None)
                 finally:
                     self.metrics.observe("aibutler_model_seconds", (("provider", agent.provider),),
                                          time.monotonic() - started)
+                cut, refused = answer.cut, answer.refused
+                if refused:  # nothing the model wrote in this turn stands
+                    writer.parts = []
+                writer.end_step(answer.text if answer.text.strip() or not cut or answer.tool_calls
+                                else f"({ModelReply.CUT_NOTES[cut]})")
                 if not answer.tool_calls:
-                    cut = answer.cut
-                    reply = answer.text.strip() or (f"({ModelReply.CUT_NOTES[cut]})" if cut
-                                                    else "(the model returned an empty reply)")
                     break
                 messages.append({"role": "assistant", "content": answer.text,
                                  "tool_calls": answer.tool_calls, "echo": answer.echo})
                 for call in answer.tool_calls:
+                    if emit:
+                        arguments = call["arguments"]
+                        with contextlib.suppress(ToolError):
+                            arguments = tool_arguments(arguments)
+                        emit("tool_call", {"name": call["name"], "arguments": arguments})
                     record = self.tools.invoke(call, ctx)
                     records.append(record)
+                    if emit:
+                        emit("tool_result", record)
                     content = ({"error": record["error"]} if "error" in record
                                else record["result"])
                     messages.append({"role": "tool", "tool_call_id": call["id"],
                                      "name": call["name"], "is_error": "error" in record,
                                      "content": json.dumps(content, ensure_ascii=False)})
             else:
-                reply = (f"I stopped after {agent.max_steps} model calls without reaching an "
-                         "answer ([agent] max_steps). Please try a simpler request.")
+                writer.end_step(f"I stopped after {agent.max_steps} model calls without reaching "
+                                "an answer ([agent] max_steps). Please try a simpler request.")
+            if not writer.reply:
+                writer.end_step("(the model returned an empty reply)")
+            reply = writer.reply
             outcome = "ok"
         except ApiError as exc:  # the operator sees why, sync or async: one line
             log.warning("turn %s failed (provider %s, answered %d): %s", message_id or "-",
@@ -3063,6 +3446,8 @@ class Agent:
             self.metrics.inc("aibutler_agent_turns_total",
                              (("provider", agent.provider), ("outcome", outcome)))
         result = {"reply": reply, "session_id": session_id, "tool_calls": records}
+        if refused:  # kept out of history: Anthropic refuses a conversation that holds it
+            result["refused"] = True
         if cut:
             log.warning("agent: turn %s of model %s: %s ([agent] max_tokens = %d)",
                         message_id or "-", getattr(self.model, "model", "?"),
@@ -3258,6 +3643,7 @@ class Handover:
     def __init__(self):
         self._lock = threading.Lock()
         self._takers = {}  # message_id -> (Event, [result]) until its sender stops waiting
+        self._streams = {}  # message_id -> queue.Queue of (event, data) for a streamed answer
         self._watchers = collections.defaultdict(set)  # message_id -> pollers' Events
         self._released = threading.Event()  # stopping: nobody waits any more
         self.waiting = 0  # requests waiting here now (a gauge in /metrics)
@@ -3266,16 +3652,31 @@ class Handover:
         """The daemon stops: waiting senders answer now (202, or the status as it is)."""
         with self._lock:
             self._released.set()
+            for events in self._streams.values():
+                events.put(("release", None))
             for done, _ in self._takers.values():
                 done.set()
             for events in self._watchers.values():
                 for event in events:
                     event.set()
 
-    def expect(self, message_id):
-        """Before the message is committed: its result will be waited for."""
+    def expect(self, message_id, stream=False):
+        """Before the message is committed: its result will be waited for (and,
+        with stream, its turn's events read from stream_of() as they come)."""
         with self._lock:
             self._takers[message_id] = (threading.Event(), [])
+            if stream:
+                self._streams[message_id] = queue.Queue()
+
+    def stream_of(self, message_id):
+        return self._streams.get(message_id)
+
+    def emitter(self, message_id):
+        """emit(event, data) for a turn: to its streamed answer while one reads it."""
+        events = self._streams.get(message_id)
+        if events is None:
+            return None
+        return lambda event, data: events.put((event, data))
 
     def take(self, message_id, seconds):
         """The result of an expected message if it comes within `seconds`, else
@@ -3298,6 +3699,7 @@ class Handover:
         """Nobody takes this message's result (a waiter stops waiting at once)."""
         with self._lock:
             slot = self._takers.pop(message_id, None)
+            self._streams.pop(message_id, None)
         if slot is not None:
             slot[0].set()
 
@@ -3310,6 +3712,8 @@ class Handover:
             if slot is not None:
                 slot[1].append(body)
                 slot[0].set()
+            if message_id in self._streams:
+                self._streams[message_id].put(("finish", body))
             for event in self._watchers.get(message_id, ()):
                 event.set()
 
@@ -3374,8 +3778,9 @@ class Inbox:
             with self.gate.turn(user_id, arrived, timeout=turn_time_limit(self.settings)):
                 result = self.agent.run_turn(request, session_id, new_id("sync"))
             with self.store.transaction() as db:  # the exchange and the key: both or neither
-                self.store.record_exchange(db, session_id, request["message"], result["reply"],
-                                           self.settings.sessions.max_history)
+                if not result.get("refused"):
+                    self.store.record_exchange(db, session_id, request["message"],
+                                               result["reply"], self.settings.sessions.max_history)
                 if key:
                     self.store.idempotency_finish(db, user_id, key, 200, result)
         except BaseException:
@@ -3388,7 +3793,7 @@ class Inbox:
         return 200, result, False
 
     def accept(self, request, key=None, wait=0, channel="webhook", status_path=None,
-               key_field="Idempotency-Key"):
+               key_field="Idempotency-Key", stream=False):
         """Commit the message durably; answer 202, or with wait > 0 the turn's
         result (200, or its error) if it is done within `wait` seconds. Returns
         (status, body, replayed)."""
@@ -3396,8 +3801,8 @@ class Inbox:
         delivery = self.settings.delivery
         message_id = new_id("msg")
         replay = None
-        if wait > 0:
-            self.handover.expect(message_id)
+        if wait > 0 or stream:
+            self.handover.expect(message_id, stream)
         try:
             with self.store.transaction(durable=True) as db:
                 if key:
@@ -3436,6 +3841,13 @@ class Inbox:
             if result is not None:
                 return result_answer(result) + (False,)
         return 202, body, False
+
+    def finished(self, message_id):
+        """A message's result once its turn is done (for a repeat), else None."""
+        job, _ = self.store.message(message_id) if message_id else (None, None)
+        if job is None or job["state"] != "done":
+            return None
+        return dict(json.loads(job["result"] or "{}"), message_id=message_id)
 
     def _add(self, db, request, message_id, channel, status_path):
         """Inside accept's transaction: the job, and the 202's body."""
@@ -3490,7 +3902,7 @@ def result_answer(result):
     if "error" in result:
         return result["error"]["status"], {"error": result["error"]}
     body = {key: result[key] for key in ("reply", "session_id", "tool_calls", "truncated",
-                                         "message_id") if key in result}
+                                         "refused", "message_id") if key in result}
     return 200, body
 
 
@@ -3754,10 +4166,10 @@ class TurnWorkers(WorkerPool):
         try:
             with self.gate.turn(job["user_id"], job["created"], while_waiting=self.unwatched,
                                 message_id=job["message_id"]):
-                result = self.agent.run_turn(request, job["session_id"], job["message_id"])
+                result = self.agent.run_turn(request, job["session_id"], job["message_id"],
+                                             self.handover.emitter(job["message_id"]))
             body.update(reply=result["reply"], tool_calls=result["tool_calls"])
-            if result.get("truncated"):
-                body["truncated"] = True
+            body.update((flag, True) for flag in ("truncated", "refused") if result.get(flag))
         except ApiError as exc:  # Agent.run_turn logged why
             body["error"] = exc.as_dict()
         except Exception as exc:
@@ -3769,7 +4181,7 @@ class TurnWorkers(WorkerPool):
         channel = self.channels[job["channel"]]
         deliver = channel.delivers()  # unless its waiting request took it
         outgoing = channel.outgoing(request, body)
-        exchange = (None if "error" in body else
+        exchange = (None if "error" in body or body.get("refused") else
                     (request["message"], body["reply"], self.settings.sessions.max_history))
         self.handover.finish(job["message_id"], body, lambda taken: self.store.finish_job(
             job, body, deliver and not taken, outgoing, exchange))
@@ -3918,7 +4330,8 @@ class RateLimiter:
 
 class Authenticator:
     """Checks X-Aibutler-Secret (or a Standard Webhooks signature made with the
-    same secret) and throttles client addresses that keep failing."""
+    same secret, or a per-user token: Authorization: Bearer <JWT>) and
+    throttles client addresses that keep failing."""
 
     FAILURES_ALLOWED, FAILURE_WINDOW, BLOCK_FOR = 10, 60.0, 60.0
     MAX_ADDRESSES = 10000  # remembered failing or blocked addresses, each table
@@ -3954,6 +4367,15 @@ class Authenticator:
         given = req.get_header("X-Aibutler-Secret")
         if given is None and req.get_header("webhook-signature"):
             return "signature"
+        bearer = req.get_header("Authorization") or ""
+        if given is None and bearer[:7].lower() == "bearer ":
+            try:  # a per-user token: req.context.token_user is who it lets act
+                req.context.token_user = verify_token(bearer[7:].strip(), accepted_secrets(
+                    self.vault, self.settings.webhook.previous_secret_grace, self.clock(),
+                    TOKEN_SECRET_NAME), self.clock())
+            except TokenError as exc:
+                raise self.failed(req, str(exc)) from None
+            return "token"
         if given and self.accepts(given.encode()):
             return "secret"
         raise self.failed(req, "missing" if given is None else "wrong")
@@ -4107,8 +4529,6 @@ def check_strings(value, field, depth=0):
         for index, item in enumerate(value):
             check_strings(item, f"{field}[{index}]", depth + 1)
 
-
-USER_ID_MAX, SESSION_ID_MAX, ATTACHMENTS_MAX = 256, 128, 20  # what a message may carry
 
 
 def validate_message(data):
@@ -4333,6 +4753,47 @@ class MetricsResource:
             require_secret(self.auth, req, "metrics_public")
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
         resp.text = self.metrics.render()
+
+
+class CorsPolicy:
+    """[channels.webhook] allowed_origins: pages from these origins may call the
+    daemon from a browser. For them, preflights (OPTIONS) are answered and every
+    answer, errors included, names the origin and what a page may send and read;
+    any other origin gets no CORS header at all (the browser then blocks it)."""
+
+    METHODS = "GET, POST, OPTIONS"
+    HEADERS = "Authorization, Content-Type, Idempotency-Key, Prefer"
+    EXPOSED = ("Location, Preference-Applied, Idempotent-Replayed, Retry-After, "
+               + WaitLimits.HEADER)
+    MAX_AGE = "600"  # seconds a browser may keep a preflight's answer
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    @staticmethod
+    def preflight(req):
+        return req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method")
+
+    def process_request(self, req, resp):
+        if self.preflight(req):  # answered here, whatever the route
+            resp.status = 204
+            resp.complete = True
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        origins = self.settings.webhook.allowed_origins
+        if not origins:
+            return
+        resp.append_header("Vary", "Origin")
+        origin = req.get_header("Origin") or ""
+        if origin.lower() not in origins:
+            return
+        resp.set_header("Access-Control-Allow-Origin", origin)
+        if self.preflight(req):
+            resp.set_header("Access-Control-Allow-Methods", self.METHODS)
+            resp.set_header("Access-Control-Allow-Headers", self.HEADERS)
+            resp.set_header("Access-Control-Max-Age", self.MAX_AGE)
+        else:
+            resp.set_header("Access-Control-Expose-Headers", self.EXPOSED)
 
 
 class RequestLog:
@@ -4584,7 +5045,7 @@ def create_app(settings, http, metrics, readiness, channels):
     `http`: the parts resources use), then the daemon's own."""
     load_web_stack()
     request_log = RequestLog(metrics)
-    app = falcon.App(middleware=[request_log])
+    app = falcon.App(middleware=[request_log, CorsPolicy(settings)])
 
     def route(path, resource):
         app.add_route(path, resource)
@@ -4614,13 +5075,15 @@ class WebhookResource:
     """POST /webhook/custom: authenticate, bound, parse, validate, limit, then run
     the turn (sync) or queue it (async)."""
 
-    def __init__(self, settings, auth, limits, inbox, stopping, waits):
+    def __init__(self, settings, auth, limits, inbox, stopping, waits, handover, gate):
         self.settings = settings
         self.auth = auth
         self.limits = limits
         self.inbox = inbox
         self.stopping = stopping  # an Event set once the daemon stops
         self.waits = waits
+        self.handover = handover  # a streamed answer's events come from it
+        self.gate = gate
 
     def on_post(self, req, resp):
         if self.stopping.is_set():
@@ -4635,7 +5098,15 @@ class WebhookResource:
         raw = read_body(req, limit)
         if how == "signature":
             self.auth.verify_signature(req, raw)
-        request = validate_message(parse_body(raw))
+        data = parse_body(raw)
+        if how == "token" and isinstance(data, dict):  # the token says who is posting
+            user = req.context.token_user
+            if data.get("user_id") is None:
+                data["user_id"] = user
+            if data["user_id"] != user:
+                raise ApiError(403, "user_id is not the token's user (its sub); leave it out",
+                               field="user_id")
+        request = validate_message(data)
         self.limits.check(request["user_id"])
         key = req.get_header("Idempotency-Key")
         if key is None:  # an empty key is a 422, not a request without one
@@ -4654,6 +5125,9 @@ class WebhookResource:
             wait = min(webhook.reply_wait, webhook.max_wait)
         else:
             wait = 0
+        if "text/event-stream" in (req.get_header("Accept") or ""):
+            self.stream(req, resp, request, key)
+            return
         if respond_async or asked_to_wait or wait or self.settings.async_mode:
             address = address_group(self.auth.client_address(req))
             with self.waits.slot(request["user_id"], address) if wait else \
@@ -4678,6 +5152,78 @@ class WebhookResource:
 
     def status_path(self, message_id):
         return f"{self.settings.webhook.path}/messages/{message_id}"
+
+    def stream(self, req, resp, request, key):
+        """Accept: text/event-stream: the message is accepted as an async one
+        (durable, in line at the turn gate), and its turn's events are sent as
+        server-sent events while it runs: delta, tool_call, tool_result, then
+        done (the sync reply's object, with message_id) or error. A client that
+        goes away loses nothing: the turn finishes, and its reply is at the
+        status URL (and in the callback, in async mode)."""
+        address = address_group(self.auth.client_address(req))
+        slot = self.waits.slot(request["user_id"], address)
+        over = slot.__enter__()
+        try:
+            status, body, replayed = self.inbox.accept(request, key, status_path=self.status_path,
+                                                       stream=over is None)
+        except BaseException:
+            slot.__exit__(None, None, None)
+            raise
+        finished = self.inbox.finished(body.get("message_id")) if replayed else None
+        if finished is not None:  # a repeat of a streamed request: its reply, streamed
+            slot.__exit__(None, None, None)
+            status, answer = result_answer(finished)
+            resp.status, resp.content_type = 200, "text/event-stream; charset=utf-8"
+            resp.set_header("Idempotent-Replayed", "true")
+            resp.set_header("Location", self.status_path(body["message_id"]))
+            resp.data = sse("error", answer) if status != 200 else sse("done", answer)
+            return
+        if over or status != 202 or replayed:  # no stream to read: answered as JSON
+            slot.__exit__(None, None, None)
+            if over:
+                resp.set_header(WaitLimits.HEADER, over)
+            resp.status, resp.media = status, body
+            if replayed:
+                resp.set_header("Idempotent-Replayed", "true")
+            if "message_id" in body:
+                resp.set_header("Location", self.status_path(body["message_id"]))
+            return
+        message_id = body["message_id"]
+        resp.status = 200
+        resp.content_type = "text/event-stream; charset=utf-8"
+        resp.set_header("Cache-Control", "no-cache")
+        resp.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once
+        resp.set_header("Location", self.status_path(message_id))
+        resp.stream = self.events(message_id, slot)
+
+    KEEP_ALIVE = 15.0  # seconds: a comment line keeps proxies from closing a quiet stream
+
+    def events(self, message_id, slot):
+        events = self.handover.stream_of(message_id)
+        try:
+            with self.gate.parked():
+                while True:
+                    try:
+                        event, data = events.get(timeout=self.KEEP_ALIVE)
+                    except queue.Empty:
+                        yield b": keep-alive\n\n"
+                        continue
+                    if event == "release":
+                        yield sse("error", {"error": shutting_down().as_dict()})
+                        return
+                    if event == "finish":
+                        status, answer = result_answer(data)
+                        yield sse("error", answer) if status != 200 else sse("done", answer)
+                        return
+                    yield sse(event, data)
+        finally:  # done, or the client went away: its reply goes where a 202 sends it
+            self.handover.forget(message_id)
+            slot.__exit__(None, None, None)
+
+
+def sse(event, data):
+    """One server-sent event: its name and its data, JSON on one line."""
+    return f"event: {event}\ndata: {UNICODE_ENCODER.encode(data)}\n\n".encode()
 
 
 def parse_prefer(header):
@@ -4712,7 +5258,8 @@ class MessageResource:
         self.waits = waits
 
     def on_get(self, req, resp, message_id):
-        if self.auth.check(req) == "signature":
+        how = self.auth.check(req)
+        if how == "signature":
             self.auth.verify_signature(req, b"")
         wait = req.get_param("wait")
         if wait is not None:
@@ -4720,7 +5267,8 @@ class MessageResource:
                 raise ApiError(422, "wait must be a number of seconds, like 20", field="wait")
             wait = min(float(wait), self.settings.webhook.max_wait)
         job, delivery = self.store.message(message_id)
-        if job is None or job["channel"] != self.channel:
+        if job is None or job["channel"] != self.channel or (
+                how == "token" and job["user_id"] != req.context.token_user):
             raise ApiError(404, f"no message {message_id!r}: unknown, or its result was "
                                 "pruned ([delivery] idempotency_ttl)")
         if wait and job["state"] != "done":
@@ -4752,7 +5300,8 @@ def message_status(job, delivery, waiting_for_a_place=False):
         result = json.loads(job["result"] or "{}")
         body["status"] = "failed" if "error" in result else "done"
         body["finished_at"] = iso_utc(job["finished"])
-        body.update((key, result[key]) for key in ("reply", "tool_calls", "truncated", "error")
+        body.update((key, result[key]) for key in ("reply", "tool_calls", "truncated", "refused",
+                                                  "error")
                     if key in result)
     if delivery is not None:
         state = {"sending": "pending"}.get(delivery["state"], delivery["state"])
@@ -4777,7 +5326,9 @@ def webhook_openapi(settings):
     reply = {"reply": string, "session_id": string, "message_id": string,
              "tool_calls": {"type": "array", "items": ref("schemas", "ToolCall")},
              "truncated": {"type": "boolean", "const": True,
-                           "description": "[agent] max_tokens cut the reply off"}}
+                           "description": "[agent] max_tokens cut the reply off"},
+             "refused": {"type": "boolean", "const": True,
+                         "description": "the model declined; the exchange is not kept"}}
     attachment = {"type": "object", "required": ["url"], "properties": {
         "url": {"type": "string", "pattern": ATTACHMENT_URL_PATTERN,
                 "description": "http(s), a host name or IPv4 address, optional port"},
@@ -4902,6 +5453,187 @@ def webhook_openapi(settings):
                                          f"{Authenticator.SIGNATURE_TOLERANCE} s off)"}}}}
 
 
+# The chat page ([channels.webhook] chat_page): one page, its script and its style,
+# no build step and nothing from elsewhere (ChatPage.POLICY).
+CHAT_HTML = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>aibutler</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="chat.css">
+<script src="chat.js" defer></script>
+</head>
+<body data-path="{path}">
+<header><h1>aibutler</h1>
+<form id="token-form"><input id="token" type="password" autocomplete="off"
+ placeholder="Paste your token" aria-label="token"><button>Use</button></form></header>
+<main id="log" aria-live="polite"></main>
+<form id="send"><textarea id="message" rows="2" placeholder="Write a message"
+ aria-label="message" required></textarea><button id="go">Send</button></form>
+</body>
+</html>
+'''
+CHAT_JS = r'''"use strict";
+// aibutler's chat page: a per-user token (typed, or from #token=...), messages
+// POSTed with Accept: text/event-stream, the reply shown as it streams.
+const path = document.body.dataset.path;
+const log = document.getElementById("log");
+const tokenForm = document.getElementById("token-form");
+const tokenInput = document.getElementById("token");
+const sendForm = document.getElementById("send");
+const input = document.getElementById("message");
+const go = document.getElementById("go");
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.get("token")) {
+  sessionStorage.setItem("token", fragment.get("token"));
+  history.replaceState(null, "", location.pathname);  // not left in the address bar
+}
+let session = sessionStorage.getItem("session");
+
+function token() { return sessionStorage.getItem("token") || ""; }
+
+function showTokenForm() { tokenForm.hidden = Boolean(token()); }
+
+function add(kind, text) {
+  const item = document.createElement("div");
+  item.className = "msg " + kind;
+  item.textContent = text;
+  log.append(item);
+  log.scrollTop = log.scrollHeight;
+  return item;
+}
+
+function brief(value) {
+  const text = JSON.stringify(value);
+  return text.length > 200 ? text.slice(0, 200) + "…" : text;
+}
+
+function failed(error) {
+  add("error", error.description || String(error));
+  if (error.status === 401) { sessionStorage.removeItem("token"); showTokenForm(); }
+}
+
+async function send(message) {
+  const body = session ? {message, session_id: session} : {message};
+  const answer = await fetch(path, {method: "POST", body: JSON.stringify(body), headers: {
+    "Authorization": "Bearer " + token(), "Content-Type": "application/json",
+    "Accept": "text/event-stream"}});
+  if (!(answer.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
+    const data = await answer.json();
+    return data.error ? failed(data.error) : add("bot", data.reply || JSON.stringify(data));
+  }
+  let reply = null;
+  const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      if (!data) continue;  // a keep-alive comment
+      const payload = JSON.parse(data);
+      if (event === "delta") {
+        reply = reply || add("bot", "");
+        reply.textContent += payload.text;
+        log.scrollTop = log.scrollHeight;
+      } else if (event === "tool_call") {
+        add("tool", "⚙ " + payload.name + " " + brief(payload.arguments));
+      } else if (event === "tool_result") {
+        add("tool", "→ " + brief("error" in payload ? payload.error : payload.result));
+      } else if (event === "done") {
+        session = payload.session_id;
+        sessionStorage.setItem("session", session);
+        (reply || add("bot", "")).textContent = payload.reply;  // done's reply is the reply
+      } else if (event === "error") {
+        failed(payload.error);
+      }
+    }
+  }
+}
+
+tokenForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("token", tokenInput.value.trim());
+  tokenInput.value = "";
+  showTokenForm();
+});
+sendForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const message = input.value.trim();
+  if (!message) return;
+  if (!token()) return failed({description: "paste a token first (aibutler.py token USER)"});
+  input.value = "";
+  add("user", message);
+  go.disabled = true;
+  try { await send(message); } catch (error) { failed(error); } finally { go.disabled = false; }
+});
+input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); go.click(); }
+});
+showTokenForm();
+'''
+CHAT_CSS = r'''* { box-sizing: border-box; }
+body { margin: 0; height: 100vh; height: 100dvh; display: flex; flex-direction: column;
+  font: 16px/1.4 system-ui, sans-serif; background: #f4f4f5; color: #18181b; }
+header { display: flex; gap: .5rem; align-items: center; padding: .5rem .75rem;
+  background: #18181b; color: #fafafa; }
+h1 { font-size: 1.1rem; margin: 0; flex: 1; }
+header form { display: flex; gap: .25rem; }
+#log { flex: 1; overflow-y: auto; padding: .75rem; display: flex; flex-direction: column;
+  gap: .5rem; }
+.msg { max-width: 85%; padding: .5rem .75rem; border-radius: .75rem; white-space: pre-wrap;
+  overflow-wrap: anywhere; }
+.user { align-self: flex-end; background: #2563eb; color: #fff; }
+.bot { align-self: flex-start; background: #fff; border: 1px solid #e4e4e7; }
+.tool { align-self: flex-start; font: .8rem ui-monospace, monospace; color: #52525b; }
+.error { align-self: stretch; background: #fee2e2; color: #991b1b; }
+#send { display: flex; gap: .5rem; padding: .5rem; background: #fff;
+  border-top: 1px solid #e4e4e7; }
+textarea { flex: 1; font: inherit; padding: .5rem; border: 1px solid #d4d4d8;
+  border-radius: .5rem; resize: none; }
+input { font: inherit; padding: .3rem .5rem; border-radius: .4rem; border: 0; width: 12rem; }
+button { font: inherit; padding: .4rem .9rem; border: 0; border-radius: .5rem;
+  background: #2563eb; color: #fff; }
+button:disabled { opacity: .5; }
+'''
+
+
+class ChatPage:
+    """GET /chat, /chat.js, /chat.css: a page to try the agent from a phone or a
+    browser with a per-user token (typed, or from the link `token --url` prints),
+    the reply shown as it streams. Its Content-Security-Policy lets it load and
+    call only its own origin."""
+
+    POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    ASSETS = {"/chat": ("text/html; charset=utf-8", CHAT_HTML),
+              "/chat.js": ("text/javascript; charset=utf-8", CHAT_JS),
+              "/chat.css": ("text/css; charset=utf-8", CHAT_CSS)}
+
+    def __init__(self, settings, path):
+        kind, text = self.ASSETS[path]
+        self.kind = kind
+        self.body = text.replace("{path}", settings.webhook.path.replace("&", "&amp;")).encode()
+
+    def on_get(self, req, resp):
+        resp.content_type = self.kind
+        resp.data = self.body
+        resp.set_header("Content-Security-Policy", self.POLICY)
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        resp.set_header("Referrer-Policy", "no-referrer")
+        resp.set_header("Cache-Control", "no-cache")
+
+
 class WebhookChannel(Channel):
     """The seed page's channel: JSON POSTed to [channels.webhook] path; the
     reply in the answer, or (async mode) POSTed to outbound_url with the
@@ -4914,11 +5646,14 @@ class WebhookChannel(Channel):
 
     def routes(self, http):
         path = self.settings.webhook.path
-        return [(path, WebhookResource(self.settings, http.auth, http.limits, http.inbox,
-                                       http.stopping, http.waits)),
-                (path + "/messages/{message_id}",
-                 MessageResource(self.settings, http.auth, http.store, http.handover,
-                                 http.gate, self.name, http.waits))]
+        routes = [(path, WebhookResource(self.settings, http.auth, http.limits, http.inbox,
+                                         http.stopping, http.waits, http.handover, http.gate)),
+                  (path + "/messages/{message_id}",
+                   MessageResource(self.settings, http.auth, http.store, http.handover,
+                                   http.gate, self.name, http.waits))]
+        if self.settings.webhook.chat_page:
+            routes += [(page, ChatPage(self.settings, page)) for page in ChatPage.ASSETS]
+        return routes
 
     def openapi(self):
         return webhook_openapi(self.settings)
@@ -5660,6 +6395,7 @@ class Daemon:
                         "vault. Print it with: %s", SECRET_NAME, command_hint(
                             os.path.dirname(self.vault.path), "vault", "get", SECRET_NAME,
                             env=self.env))
+        ensure_webhook_secret(self.vault, TOKEN_SECRET_NAME)  # per-user tokens need a key
         server_cfg = self.settings.server
         try:
             # X-Forwarded-* reach the app, which believes them only from
@@ -6066,7 +6802,7 @@ def self_check(config_path, env, write):
     report("ok", "config", config.source or "no file: the built-in defaults")
     data_dir = data_dir_from_env(env)
     check_data_dir(data_dir, report)
-    vault = open_vault(env)
+    vault = Vault(os.path.join(data_dir, "vault.json"), env)
     check_secrets(config, vault, data_dir, env, report)
     check_port(config.server, report)
     check_model(config, vault, report)
@@ -6193,6 +6929,10 @@ def check_disk(data_dir, report):
            + ("" if level == "ok" else ": make room, the database needs it"))
 
 
+class InstallError(Exception):
+    """install or uninstall cannot go on; the message says why and what to do."""
+
+
 class Installer:
     """The README's systemd steps, done by the program on itself: every step is
     printed (and, with dry_run, only printed); `run(argv)` runs a command."""
@@ -6231,7 +6971,7 @@ class Installer:
     def install(self):
         problem = self.prerequisites()
         if problem and not self.dry_run:
-            return fail(problem)
+            raise InstallError(problem)
         if problem:
             self.write(f"would stop here: {problem}; the steps after it would be:")
         upgrade = os.path.exists(UNIT_PATH)
@@ -6258,7 +6998,7 @@ class Installer:
         if self.dry_run:
             return EXIT_FAILURE if problem else EXIT_OK
         if not self.wait_ready():
-            return fail("the service did not start; see: journalctl -u aibutler -n 50")
+            raise InstallError("the service did not start; see: journalctl -u aibutler -n 50")
         config = load_config(self.config, {})
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
         self.write(f"\naibutler {'upgraded' if upgrade else 'installed'} and running: "
@@ -6282,7 +7022,7 @@ class Installer:
 
     def uninstall(self, purge):
         if os.geteuid() != 0 and not self.dry_run:
-            return fail("uninstall needs root: run it with sudo")
+            raise InstallError("uninstall needs root: run it with sudo")
         if os.path.exists(UNIT_PATH):
             self.command("systemctl", "disable", "--now", "aibutler")
             self.step(f"remove {UNIT_PATH}", lambda: os.unlink(UNIT_PATH))
@@ -6372,6 +7112,19 @@ def build_parser():
                                  help=f"also remove {SERVICE_DATA} (the vault, the database) "
                                       "and the config file")
         command.set_defaults(func=cmd_install if verb == "install" else cmd_uninstall)
+
+    token = commands.add_parser(
+        "token", help="print a per-user token (for a chat page, a script)",
+        description="Print a JWT (HS256, signed with the vault's webhook_token_secret) that "
+                    "lets its holder send messages and read replies as USER_ID only: "
+                    "Authorization: Bearer <token>. A site's backend mints its own the same "
+                    "way (see the README, 'From a browser').")
+    token.add_argument("user_id", metavar="USER_ID")
+    token.add_argument("--ttl", type=duration_argument, default=3600.0, metavar="AGE",
+                       help="how long it is valid: 30m, 1h (default), 7d")
+    token.add_argument("--url", metavar="URL", help="the daemon's address as a browser reaches "
+                       "it, e.g. http://pi.local:3377: print a link to its /chat page instead")
+    token.set_defaults(func=cmd_token)
 
     vault = commands.add_parser("vault", help="manage secrets (webhook_auth_secret, API keys)")
     verbs = vault.add_subparsers(dest="verb", metavar="VERB")
@@ -6627,9 +7380,9 @@ def cmd_vault_delete(args):
 
 
 def cmd_vault_rotate(args):
-    if args.name != SECRET_NAME:
-        return fail(f"only {SECRET_NAME} is rotated here (a new random value with a grace "
-                    "period); replace other secrets with `vault set`", EXIT_USAGE)
+    if args.name not in ROTATED:
+        return fail(f"only {' and '.join(ROTATED)} are rotated here (a new random value with "
+                    "a grace period); replace other secrets with `vault set`", EXIT_USAGE)
     vault = open_vault()
     source = vault.source(args.name)
     if source not in ("file", None):
@@ -6672,6 +7425,25 @@ def cmd_deliveries_retry(args):
     return EXIT_OK
 
 
+def cmd_token(args):
+    if not args.user_id.strip() or len(args.user_id) > USER_ID_MAX \
+            or has_control_characters(args.user_id):
+        return fail(f"USER_ID must be 1 to {USER_ID_MAX} characters, no control characters",
+                    EXIT_USAGE)
+    vault = open_vault()
+    ensure_webhook_secret(vault, TOKEN_SECRET_NAME)
+    token = mint_token(vault.get(TOKEN_SECRET_NAME), args.user_id, args.ttl)
+    if args.url:
+        url = args.url.rstrip("/")
+        print(f"{url}/chat#token={token}")
+        print(f"aibutler: a link to the chat page as {args.user_id}, valid for "
+              f"{args.ttl:g}s; the page is served when [channels.webhook] chat_page = true",
+              file=sys.stderr)
+    else:
+        print(token)
+    return EXIT_OK
+
+
 def cmd_check(args):
     return self_check(args.config, dict(os.environ), print)
 
@@ -6682,11 +7454,17 @@ def installer(args):
 
 
 def cmd_install(args):
-    return installer(args).install()
+    try:
+        return installer(args).install()
+    except InstallError as exc:
+        return fail(str(exc))
 
 
 def cmd_uninstall(args):
-    return installer(args).uninstall(args.purge)
+    try:
+        return installer(args).uninstall(args.purge)
+    except InstallError as exc:
+        return fail(str(exc))
 
 
 def cmd_deliveries_drop(args):
