@@ -1205,6 +1205,7 @@ CONFIG_SCHEMA = {
         "reply_wait": ("0", parse_duration),
         "max_wait": ("25s", parse_duration),
         "allowed_origins": ("", parse_origins),
+        "stream_keep_alive": ("15s", parse_positive_duration),
         "chat_page": ("false", parse_bool),
     },
     "channels.twilio": {
@@ -5194,31 +5195,50 @@ class WebhookResource:
         resp.set_header("Cache-Control", "no-cache")
         resp.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once
         resp.set_header("Location", self.status_path(message_id))
-        resp.stream = self.events(message_id, slot)
+        resp.stream = EventStream(self.events(message_id), lambda: self.stop_streaming(
+            message_id, slot))
 
-    KEEP_ALIVE = 15.0  # seconds: a comment line keeps proxies from closing a quiet stream
+    def stop_streaming(self, message_id, slot):
+        """Done, or the client went away: its reply goes where a 202 sends it."""
+        self.handover.forget(message_id)
+        slot.__exit__(None, None, None)
 
-    def events(self, message_id, slot):
+    def events(self, message_id):
         events = self.handover.stream_of(message_id)
-        try:
-            with self.gate.parked():
-                while True:
-                    try:
-                        event, data = events.get(timeout=self.KEEP_ALIVE)
-                    except queue.Empty:
-                        yield b": keep-alive\n\n"
-                        continue
-                    if event == "release":
-                        yield sse("error", {"error": shutting_down().as_dict()})
-                        return
-                    if event == "finish":
-                        status, answer = result_answer(data)
-                        yield sse("error", answer) if status != 200 else sse("done", answer)
-                        return
-                    yield sse(event, data)
-        finally:  # done, or the client went away: its reply goes where a 202 sends it
-            self.handover.forget(message_id)
-            slot.__exit__(None, None, None)
+        if events is None:  # the daemon is stopping
+            yield sse("error", {"error": shutting_down().as_dict()})
+            return
+        with self.gate.parked():
+            while True:
+                try:
+                    event, data = events.get(timeout=self.settings.webhook.stream_keep_alive)
+                except queue.Empty:
+                    yield b": keep-alive\n\n"
+                    continue
+                if event == "release":
+                    yield sse("error", {"error": shutting_down().as_dict()})
+                    return
+                if event == "finish":
+                    status, answer = result_answer(data)
+                    yield sse("error", answer) if status != 200 else sse("done", answer)
+                    return
+                yield sse(event, data)
+
+
+class EventStream:
+    """A streamed answer's body: its events, and on close() (the server calls
+    it when the answer is over, sent or not) what must happen in any case."""
+
+    def __init__(self, events, on_close):
+        self.events = events
+        self.on_close = on_close
+
+    def __iter__(self):
+        return self.events
+
+    def close(self):
+        self.events.close()
+        self.on_close()
 
 
 def sse(event, data):
