@@ -5603,6 +5603,7 @@ input.addEventListener("keydown", (event) => {
 showTokenForm();
 '''
 CHAT_CSS = r'''* { box-sizing: border-box; }
+[hidden] { display: none !important; }
 body { margin: 0; height: 100vh; height: 100dvh; display: flex; flex-direction: column;
   font: 16px/1.4 system-ui, sans-serif; background: #f4f4f5; color: #18181b; }
 header { display: flex; gap: .5rem; align-items: center; padding: .5rem .75rem;
