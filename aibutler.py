@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """aibutler: let anything that can POST JSON talk to an AI agent.
 
-One file, run as a daemon (a systemd service on a Raspberry Pi, say):
+One file, run as a daemon in a terminal, or installed as a systemd service (on
+a Raspberry Pi, say):
 
-    python aibutler.py run                      # generates a secret on first start
-    python aibutler.py vault get webhook_auth_secret
+    python3 aibutler.py run                     # generates a secret on first start
+    python3 aibutler.py vault get webhook_auth_secret
+    sudo python3 aibutler.py install            # the service; `check` says what is wrong
 
 Then POST {"user_id", "message", "metadata"} with the header
 ``X-Aibutler-Secret: <secret>`` to http://127.0.0.1:3377/webhook/custom. The
@@ -13,10 +15,11 @@ daemon answers 202 at once and POSTs a signed callback when the reply is ready.
 
 Runtime needs: Python 3.9+, falcon 3.1+ and waitress 2.1+ (Debian's
 python3-falcon and python3-waitress, or pip). Everything else is the standard
-library. ``python aibutler.py --help`` lists the commands.
+library. ``python3 aibutler.py --help`` lists the commands; the project's
+README (installed as /opt/aibutler/README.md) tells the rest.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import argparse
 import ast
@@ -89,8 +92,8 @@ OUTBOUND_SECRET_NAME = "webhook_outbound_secret"  # callbacks' auth, when set (e
 CHANNEL_USER = "\x1f"
 TWILIO_TOKEN_NAME = "twilio_auth_token"  # the Twilio account's Auth Token, in the vault
 USER_AGENT = "aibutler/" + __version__
-INSTALL_HINT = ("pip install falcon waitress  (or on Debian/Raspberry Pi OS: "
-                "apt install python3-falcon python3-waitress)")
+INSTALL_HINT = ("on Debian or Raspberry Pi OS: sudo apt install python3-falcon "
+                "python3-waitress (elsewhere, in a venv: pip install falcon waitress)")
 
 log = logging.getLogger("aibutler")
 
@@ -2556,7 +2559,7 @@ class BuiltinModel:
                 "time and date, give the current weather, do arithmetic, and remember or "
                 "recall facts. To answer anything else, connect a model: set [agent] "
                 "provider = openai (OpenAI, Ollama, llama.cpp...) or anthropic in config.ini "
-                "and store the key with `python aibutler.py vault set openai_api_key` "
+                "and store the key with `python3 aibutler.py vault set openai_api_key` "
                 "(see the README).")
     HELP_TEXT = ("I'm AI Butler. Without a language model I can: tell the time and date "
                  "(\"what time is it?\"), give the current weather (\"what's the weather "
