@@ -1619,7 +1619,7 @@ class TokenError(Exception):
     """A bearer token that cannot be used; the message says which way."""
 
 
-TOKEN_LEEWAY = 30  # seconds of clock difference allowed on exp, nbf and iat
+TOKEN_LEEWAY = 30  # seconds of clock difference allowed on nbf and iat (none on exp)
 
 
 def b64url(data):
@@ -1668,10 +1668,11 @@ def verify_token(token, keys, now):
     if not isinstance(claims, dict):
         raise TokenError("malformed token: its claims are not a JSON object")
     number = lambda name: (isinstance(claims.get(name), (int, float))  # noqa: E731
-                           and not isinstance(claims[name], bool))
+                           and not isinstance(claims[name], bool)
+                           and math.isfinite(claims[name]))
     if not number("exp"):
         raise TokenError("the token has no exp claim (a number: when it expires)")
-    if now > claims["exp"] + TOKEN_LEEWAY:
+    if now >= claims["exp"]:
         raise TokenError(f"the token expired at {iso_utc(claims['exp'])}")
     for name, what in (("nbf", "is not valid before"), ("iat", "was issued at")):
         if name in claims and (not number(name) or claims[name] > now + TOKEN_LEEWAY):
@@ -2813,6 +2814,10 @@ class HTTPModel:
                         raise ApiError(502, f"the {self.name} model server's stream broke off "
                                             f"after the reply began: {network_reason(exc)}"
                                        ) from None
+                    except ApiError as failed:  # in the stream: like a failed answer,
+                        if out.sent:            # tried again while nothing went out
+                            raise
+                        return None, answer_headers, failed
                 if response is not None:
                     body = whole_body(response)
                 return status, answer_headers, self._answer(url, status, answer_headers, body)
@@ -3078,7 +3083,7 @@ class OpenAIModel(HTTPModel):
                 if isinstance(delta.get("content"), str):
                     message["content"] += delta["content"]
                     out(delta["content"])
-                for key in self.ECHOED + ("reasoning",):
+                for key in self.ECHOED + ("reasoning", "refusal"):
                     if isinstance(delta.get(key), (str, list)):
                         message[key] = message.get(key, delta[key][:0]) + delta[key]
                 for call in delta.get("tool_calls") or ():
@@ -3090,8 +3095,12 @@ class OpenAIModel(HTTPModel):
                         slot["function"][key] += function.get(key) or ""
                 finish = choice.get("finish_reason") or finish
             if failed is not None or finish == "error":  # OpenRouter, mid-generation
-                raise ApiError(502, "the openai model server failed while writing the reply: "
-                                    + provider_message(json.dumps({"error": failed or {}})))
+                error = ApiError(502, "the openai model server failed while writing the "
+                                      "reply: " + provider_message(json.dumps({
+                                          "error": failed or {}})))
+                code = failed.get("code") if isinstance(failed, dict) else None
+                error.upstream = int(code) if str(code).isdigit() else None
+                raise error
         if not done and finish is None:
             raise ApiError(502, "the openai model server's stream ended before the reply did")
         message["tool_calls"] = [calls[index] for index in sorted(calls)]
@@ -3665,12 +3674,15 @@ class Handover:
                     event.set()
 
     def expect(self, message_id, stream=False):
-        """Before the message is committed: its result will be waited for (and,
-        with stream, its turn's events read from stream_of() as they come)."""
+        """Before the message is committed: its result will be waited for; or,
+        with stream, its turn's events read from stream_of() as they come. A
+        stream takes nothing: the result goes where a 202's goes as well (a
+        client that left unnoticed must not cost the callback)."""
         with self._lock:
-            self._takers[message_id] = (threading.Event(), [])
             if stream:
                 self._streams[message_id] = queue.Queue()
+            else:
+                self._takers[message_id] = (threading.Event(), [])
 
     def stream_of(self, message_id):
         return self._streams.get(message_id)
@@ -5143,6 +5155,10 @@ class WebhookResource:
                                                            status_path=self.status_path)
         else:
             status, body, replayed = self.inbox.run_sync(request, key)
+        finished = (self.inbox.finished(body.get("message_id"))
+                    if replayed and status == 202 and not self.settings.async_mode else None)
+        if finished is not None:  # a repeat once the reply is there (a stream's): the reply
+            status, body = result_answer(finished)
         resp.status = status
         resp.media = body
         if status == 202 and "message_id" in body:
@@ -7450,6 +7466,8 @@ def cmd_deliveries_retry(args):
 
 
 def cmd_token(args):
+    if args.ttl < 1:
+        return fail("--ttl must be at least 1s", EXIT_USAGE)
     if not args.user_id.strip() or len(args.user_id) > USER_ID_MAX \
             or has_control_characters(args.user_id):
         return fail(f"USER_ID must be 1 to {USER_ID_MAX} characters, no control characters",
