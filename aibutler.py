@@ -6474,8 +6474,9 @@ class Daemon:
 
     def _log_startup(self, server):
         settings = self.settings
+        host = server.effective_host
         log.info("aibutler %s listening on http://%s:%s", __version__,
-                 server.effective_host, server.effective_port)
+                 f"[{host}]" if ":" in str(host) else host, server.effective_port)
         model = self.butler.agent.model
         log.info("agent: provider %s%s", settings.agent.provider,
                  f", model {model.model} at {url_host(model.base_url)}"
@@ -6741,7 +6742,8 @@ NotifyAccess=main
 # /opt/aibutler` made at install: compiling the file at every start costs a Pi
 # about 6 MB of memory for good (and works anyway when the .pyc is missing).
 ExecStart=/usr/bin/python3 -m aibutler run --config /etc/aibutler/config.ini
-ExecReload=/bin/kill -HUP $MAINPID
+# A shell's own kill: /bin/kill comes with procps, which a minimal system lacks.
+ExecReload=/bin/sh -c "kill -HUP ${MAINPID}"
 SyslogIdentifier=aibutler
 Environment=PYTHONPATH=/opt/aibutler AIBUTLER_DATA=/var/lib/aibutler PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # Optional: keep the secret outside the state directory, readable only by this
@@ -6987,8 +6989,12 @@ class Installer:
         if action is not None and not self.dry_run:
             action()
 
-    def command(self, *argv):
-        self.step("run: " + " ".join(argv), lambda: self.run(list(argv), check=True))
+    def command(self, *argv, check=True):
+        """A command whose failure stops the install (check), naming it."""
+        def action():
+            if self.run(list(argv)).returncode != 0 and check:
+                raise InstallError(f"`{' '.join(argv)}` failed (its output is above)")
+        self.step("run: " + " ".join(argv), action)
 
     def prerequisites(self):
         """None when the unit can run here, else why not (and what to do)."""
@@ -7034,7 +7040,8 @@ class Installer:
                 self.config, example_config().encode(), 0o644))
         self.command("systemctl", "daemon-reload")
         self.command("systemctl", "enable", "aibutler")
-        self.command("systemctl", "restart" if upgrade else "start", "aibutler")
+        # whether it started, wait_ready() says (with where to look when not)
+        self.command("systemctl", "restart" if upgrade else "start", "aibutler", check=False)
         if self.dry_run:
             return EXIT_FAILURE if problem else EXIT_OK
         if not self.wait_ready():
@@ -7078,6 +7085,10 @@ class Installer:
             for path in (SERVICE_DATA, "/var/lib/private/aibutler", self.config):
                 if os.path.lexists(path):
                     self.step(f"remove {path}", lambda path=path: remove_tree(path))
+            folder = os.path.dirname(self.config)  # the unit's ConfigurationDirectory=
+            if folder == os.path.dirname(DEFAULT_CONFIG) and os.path.isdir(folder) \
+                    and not os.listdir(folder):
+                self.step(f"remove {folder}", lambda: os.rmdir(folder))
             kept = []
         self.write(f"aibutler {'would be' if self.dry_run else 'is'} uninstalled" + (f"; kept {' and '.join(kept)} (--purge removes "
                                                 "them)" if kept else ""))
@@ -7492,7 +7503,7 @@ def cmd_check(args):
 
 def installer(args):
     return Installer(os.path.abspath(args.prefix), os.path.abspath(args.config), args.dry_run,
-                     print, subprocess.run)
+                     lambda text: print(text, flush=True), subprocess.run)
 
 
 def cmd_install(args):
