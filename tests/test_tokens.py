@@ -293,13 +293,13 @@ def test_odd_tokens_are_401s_never_500s(d):
 
 def test_an_exp_that_is_no_time_never_lets_a_token_live_forever(d):
     """NaN and Infinity are not JSON (RFC 8259) nor a NumericDate (RFC 7519),
-    but Python's json reads them: PyJWT refuses such an exp ("must be an
-    integer"); a token with one must not be valid for ever."""
+    but Python's json reads them; a token with one must not be valid for ever
+    (PyJWT refuses it too, as an error whose kind depends on its version)."""
     hs256 = {"alg": "HS256", "typ": "JWT"}
     accepted = {}
     for number, exp in enumerate((b"NaN", b"Infinity", b"1e999")):
         token = signed(d.key, hs256, b'{"sub": "m", "exp": ' + exp + b"}")
-        with pytest.raises(jwt.DecodeError):
+        with pytest.raises((jwt.DecodeError, OverflowError, ValueError)):
             jwt.decode(token, d.key, algorithms=["HS256"])
         status, _, body = request(d, "GET", f"{PATH}/messages/msg-none", bearer(token),
                                   source=f"127.0.2.{number + 1}")
