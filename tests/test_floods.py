@@ -14,6 +14,7 @@ import os
 import random
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -399,8 +400,8 @@ class DaemonOnAnyAddress(DaemonProcess):
 @contextlib.contextmanager
 def addresses_on_lo(*addresses):
     """IPv6 addresses added to lo for the test (as root), removed after."""
-    if os.geteuid() != 0 or not socket.has_ipv6:
-        pytest.skip("needs root and IPv6 to add addresses to lo")
+    if os.geteuid() != 0 or not socket.has_ipv6 or not shutil.which("ip"):
+        pytest.skip("needs root, IPv6 and ip(8) (iproute2) to add addresses to lo")
     added = []
     try:
         for address in addresses:
