@@ -1785,6 +1785,11 @@ class Checkpointer:
     daemon finds out that space was freed."""
 
     EVERY = 1.0  # seconds
+    # Past this many WAL frames left over (about 16 MB: writes on a slow SD card
+    # that never let a passive checkpoint catch up), a RESTART checkpoint waits
+    # for the writer once, so the WAL starts over instead of growing for ever.
+    MOST_FRAMES = 4096
+    RESTART_WAIT = 10.0  # seconds it may wait for the writer (busy_timeout)
 
     def __init__(self, store):
         self.store = store
@@ -1799,7 +1804,7 @@ class Checkpointer:
         self._thread.join()
 
     def _run(self):
-        db = sqlite3.connect(self.store.path, timeout=0, isolation_level=None)
+        db = sqlite3.connect(self.store.path, timeout=self.RESTART_WAIT, isolation_level=None)
         try:
             done = self.store.commits()
             while not self._stop.wait(self.EVERY):
@@ -1808,7 +1813,9 @@ class Checkpointer:
                         self.store.probe()
                     elif self.store.commits() != done:
                         done = self.store.commits()
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if frames - copied > self.MOST_FRAMES or frames > 4 * self.MOST_FRAMES:
+                            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 except sqlite3.Error as exc:  # a full disk: the WAL waits, nothing is lost
                     log.warning("storage: checkpoint failed (%s); trying again in %gs",
                                 one_line(exc), self.EVERY)
@@ -2024,6 +2031,7 @@ class Store:
         is off, and a thread of its own checkpoints instead."""
         with self.connection() as db:
             db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute(f"PRAGMA journal_size_limit={Checkpointer.MOST_FRAMES * 1024}")
         self._checkpoints = Checkpointer(self)
         self._checkpoints.start()
 
@@ -4891,6 +4899,8 @@ def handle_unexpected(req, resp, exc, params):
 # === HTTP: the published contract (/openapi.json), create_app ===============
 
 NOT_BLANK = r"\S"  # user_id and message: str.strip() leaves something
+# user_id: not blank, and no control character (has_control_characters)
+USER_ID_PATTERN = r"^[^\u0000-\u001f\u007f]*[^\s\u0000-\u001f\u007f][^\u0000-\u001f\u007f]*$"
 ERROR_MEANINGS = {
     400: "the body is not JSON (empty, not UTF-8, malformed or nested too deeply)",
     401: "missing or wrong X-Aibutler-Secret, or a bad Standard Webhooks signature",
@@ -5377,7 +5387,9 @@ def webhook_openapi(settings):
         "description": "Fields other than these are ignored; null is the same as absent.",
         "properties": {
             "user_id": {"type": "string", "minLength": 1, "maxLength": USER_ID_MAX,
-                        "pattern": NOT_BLANK},
+                        "pattern": USER_ID_PATTERN,
+                        "description": "who is writing; a per-user token's caller may leave "
+                                       "it out (it is the token's sub)"},
             "message": {"type": "string", "minLength": 1, "pattern": NOT_BLANK},
             "metadata": {"type": ["object", "null"],
                          "description": f"anything the model should know; at most "
@@ -5989,9 +6001,9 @@ class TwilioResource:
                 raise ApiError(400, f"{name} is missing: not a message as Twilio posts it",
                                field=name)
         sender, sid = form["From"], form["MessageSid"]
-        if not sender.strip() or len(sender) > USER_ID_MAX:
-            raise ApiError(422, f"From must be 1 to {USER_ID_MAX} characters, not blank",
-                           field="From")
+        if not sender.strip() or len(sender) > USER_ID_MAX or has_control_characters(sender):
+            raise ApiError(422, f"From must be 1 to {USER_ID_MAX} characters, not blank, no "
+                                "control characters", field="From")
         if not form["To"].strip():  # a reply sent later goes from it
             raise ApiError(422, "To is blank", field="To")
         for name, pattern in TWILIO_SID_PATTERNS.items():
@@ -6040,7 +6052,7 @@ def twilio_openapi(settings):
         "MessageSid": field("the idempotency key: Twilio's retries of a message run one turn",
                             pattern=TWILIO_SID_PATTERNS["MessageSid"]),
         "From": field("the sender, the user_id (+34600111222, whatsapp:+34600111222)",
-                      minLength=1, maxLength=USER_ID_MAX, pattern=NOT_BLANK),
+                      minLength=1, maxLength=USER_ID_MAX, pattern=USER_ID_PATTERN),
         "To": field("the number written to; a reply sent later goes from it",
                     minLength=1, pattern=NOT_BLANK),
         "Body": field("the text; may be empty when media come"),

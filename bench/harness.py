@@ -1,7 +1,8 @@
 """What every bench scenario shares: starting the floor and aibutler as
 subprocesses on loopback, reading their memory and CPU time from /proc, a
 callback receiver, and the two load generators (wrk, or a standard-library
-keep-alive one). Scenarios live in run.py, slow_model.py and efficiency.py."""
+keep-alive one). Scenarios live in run.py, slow_model.py, efficiency.py and
+checkpoints.py."""
 
 import collections
 import configparser

@@ -25,7 +25,7 @@ def map_case(context, case):
         if name.lower() == "idempotency-key":
             case.headers[name] = f"fuzz-{next(fresh_keys)}"
     if isinstance(case.body, dict) and "MessageSid" in case.body:
-        case.body["MessageSid"] = f"SMfuzz{next(fresh_keys)}"
+        case.body["MessageSid"] = f"SM{next(fresh_keys):032x}"  # a SID as Twilio makes them
     return case
 
 
