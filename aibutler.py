@@ -6544,6 +6544,8 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload: %s; keeping the running config", exc)
             return
+        for key in ("host", "port"):  # bound at start (and maybe given as --host, --port)
+            setattr(config.server, key, getattr(self.settings.server, key))
         changed = config_changes(self.settings.config, config)
         self.butler.reload(config)
         logging.getLogger().setLevel(config.server.log_level.upper())

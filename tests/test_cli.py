@@ -193,6 +193,23 @@ def test_pip_install_gives_the_aibutler_command(tmp_path):
     result = subprocess.run([str(venv / "bin" / "aibutler"), "--version"],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.stdout.strip() == f"aibutler {aibutler.__version__}"
+    # the first start's hint names the command the user has: `aibutler`, no paths
+    env = dict(os.environ, AIBUTLER_DATA=str(tmp_path / "data"))
+    daemon = subprocess.Popen([str(venv / "bin" / "aibutler"), "run", "--port", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp_path)
+    try:
+        lines = []
+        for line in daemon.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    hint = next(line for line in lines if "Print it with:" in line)
+    assert hint.rstrip().endswith(" aibutler vault get webhook_auth_secret"), hint
+    assert "python" not in hint and "site-packages" not in hint, hint
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, like `sudo aibutler vault set`")

@@ -75,3 +75,23 @@ def test_install_needs_root_and_systemd_and_says_so(daemon):
     result = d.cli("install", "--prefix", str(pathlib.Path(d.folder) / "opt"), check=False)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "needs root" in result.stderr or "systemd is not running" in result.stderr
+
+
+def test_a_pending_callback_can_be_dropped_and_a_reload_names_what_changed(daemon):
+    import signal
+    d = daemon("[channels.webhook]\noutbound_url = http://127.0.0.1:9/callback\n"
+               "[delivery]\nretry_schedule = 1h\n")
+    d.start()
+    accepted = d.post({"user_id": "u", "message": "what is 1 + 1?"})[2]
+    d.wait_log(f"delivery {accepted['message_id']}: attempt 1 failed")
+    d.config.write_text("[channels.webhook]\noutbound_url = http://127.0.0.1:9/callback\n"
+                        "[delivery]\nretry_schedule = 1h\n[agent]\nmax_steps = 3\n")
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_log(r"reload: config re-read from \S+; changed: \[agent\] max_steps\n")
+    assert d.stop() == 0
+    listing = d.cli("deliveries", "list").stdout
+    assert accepted["message_id"] in listing and "pending" in listing
+    result = d.cli("deliveries", "drop", accepted["message_id"])
+    assert "dropped 1" in result.stderr
+    assert d.cli("deliveries", "drop", accepted["message_id"], check=False).returncode == 1
+    assert "no deliveries" in d.cli("deliveries", "list").stderr
