@@ -4382,6 +4382,10 @@ class Authenticator:
                 return hop
         return address
 
+    def client_group(self, req):
+        """The client as the per-address limits count it (address_group)."""
+        return address_group(self.client_address(req))
+
     def check(self, req):
         """Before the body is read. Returns "secret", or "signature" when the
         request is signed instead (verify_signature then needs the body); raises
@@ -4435,7 +4439,7 @@ class Authenticator:
         """Before any costly work (reading and checking a signed form): 429 at
         once while the client's address is blocked."""
         with self._lock:
-            error = self._blocked_error(req, address_group(self.client_address(req)),
+            error = self._blocked_error(req, self.client_group(req),
                                         time.monotonic())
         if error is not None:
             raise error
@@ -4453,7 +4457,7 @@ class Authenticator:
         """Count a failed authentication; returns the error to raise: 401, or a
         quiet 429 while the address is blocked. Addresses are grouped as
         address_group says: one IPv6 host owns a whole /64."""
-        client = address_group(self.client_address(req))
+        client = self.client_group(req)
         now = time.monotonic()
         with self._lock:
             blocked = self._blocked_error(req, client, now)
@@ -5155,7 +5159,7 @@ class WebhookResource:
             self.stream(req, resp, request, key)
             return
         if respond_async or asked_to_wait or wait or self.settings.async_mode:
-            address = address_group(self.auth.client_address(req))
+            address = self.auth.client_group(req)
             with self.waits.slot(request["user_id"], address) if wait else \
                     contextlib.nullcontext() as over:
                 if over:  # answered at once, and told why it did not wait
@@ -5190,7 +5194,7 @@ class WebhookResource:
         done (the sync reply's object, with message_id) or error. A client that
         goes away loses nothing: the turn finishes, and its reply is at the
         status URL (and in the callback, in async mode)."""
-        address = address_group(self.auth.client_address(req))
+        address = self.auth.client_group(req)
         slot = self.waits.slot(request["user_id"], address)
         over = slot.__enter__()
         try:
@@ -5321,7 +5325,7 @@ class MessageResource:
             raise ApiError(404, f"no message {message_id!r}: unknown, or its result was "
                                 "pruned ([delivery] idempotency_ttl)")
         if wait and job["state"] != "done":
-            address = address_group(self.auth.client_address(req))
+            address = self.auth.client_group(req)
             with self.waits.slot(job["user_id"], address) as over:
                 if over:
                     resp.set_header(WaitLimits.HEADER, over)
@@ -5936,7 +5940,7 @@ class TwilioResource:
         # Twilio's 15 s run from its request, not from here: time spent queued,
         # reading and committing counts against reply_wait.
         spent = time.monotonic() - getattr(req.context, "started", time.monotonic())
-        address = address_group(self.auth.client_address(req))
+        address = self.auth.client_group(req)
         with self.waits.slot(request["user_id"], address) as over:
             if over:  # the reply goes through the Messages API
                 resp.set_header(WaitLimits.HEADER, over)
